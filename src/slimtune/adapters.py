@@ -1,0 +1,128 @@
+"""Adapter files in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Key names are PEFT's: `base_model.model.<module path>.lora_A.weight` (the adapter name is not part of
+the saved keys), so `PeftModel.from_pretrained(base, run_dir)` loads our files and we load PEFT's.
+Only safetensors is read: a `.bin` adapter (pickle) is refused rather than unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimtune.errors import AdapterError
+from slimtune.methods.lora import attach_lora, lora_layers, lora_state_dict
+from slimtune.methods.targets import short_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_adapter_config(
+    *, r: int, alpha: float, dropout: float, target_modules: list[str] | str, base_model: str
+) -> dict[str, Any]:
+    """A PEFT `LoraConfig` as its `to_dict()` writes it, for a causal LM."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": target_modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dropout: float = 0.0) -> Path:
+    """Write the model's LoRA adapter to `out_dir` in PEFT's format; returns the weights path."""
+    layers = lora_layers(model)
+    if not layers:
+        raise AdapterError("the model has no LoRA layers to save")
+    ranks = {layer.r for layer in layers.values()}
+    alphas = {layer.alpha for layer in layers.values()}
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise AdapterError(f"saving mixed ranks/alphas is not supported yet (ranks {sorted(ranks)}, alphas {sorted(alphas)})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    config = lora_adapter_config(
+        r=ranks.pop(), alpha=alphas.pop(), dropout=dropout,
+        target_modules=short_names(list(layers)), base_model=base_model,
+    )
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out / WEIGHTS_NAME
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """Read and check `adapter_config.json`; errors name the file and the bad field."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"'{adapter_dir}' has no {CONFIG_NAME}: point to a run directory or a PEFT adapter directory")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported here (expected 'LORA')")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise AdapterError(f"{path}: missing field '{key}'")
+    unsupported = {
+        key: config[key]
+        for key in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save")
+        if config.get(key)
+    }
+    if config.get("bias", "none") != "none":
+        unsupported["bias"] = config["bias"]
+    if unsupported:
+        raise AdapterError(f"{path}: options not supported yet: {unsupported}")
+    return config
+
+
+def load_lora_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
+    """Attach a LoRA adapter saved by slimtune or PEFT to a fresh base model; returns its config."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = adapter_dir / "adapter_model.bin"
+        hint = " (adapter_model.bin is a pickle and is never loaded: re-save it as safetensors)" if pickled.exists() else ""
+        raise AdapterError(f"'{adapter_dir}' has no {WEIGHTS_NAME}{hint}")
+    tensors = load_file(str(weights))
+    attach_lora(model, config["target_modules"], r=int(config["r"]), alpha=float(config["lora_alpha"]))
+    expected = {PEFT_PREFIX + key: value for key, value in lora_state_dict(model).items()}
+    # PEFT keeps the adapter name in memory ('.lora_A.default.weight') but not in files; accept both.
+    loaded = {key.replace(".default.weight", ".weight"): value for key, value in tensors.items()}
+    missing = sorted(set(expected) - set(loaded))
+    extra = sorted(set(loaded) - set(expected))
+    if missing or extra:
+        raise AdapterError(
+            f"{weights} does not fit the base model: {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected keys (e.g. {extra[:2]}); was it trained on another base model?"
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            source = loaded[key]
+            if source.shape != target.shape:
+                raise AdapterError(f"{weights}: '{key}' has shape {tuple(source.shape)}, the model needs {tuple(target.shape)}")
+            target.copy_(source.to(target.dtype))
+    return config

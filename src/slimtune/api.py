@@ -1,0 +1,175 @@
+"""The Python API: each CLI command is a thin layer over one of these functions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+
+from slimtune.adapters import CONFIG_NAME, WEIGHTS_NAME, load_lora_adapter, read_adapter_config, save_lora_adapter
+from slimtune.config import Config, build_config
+from slimtune.data import Message, load_dataset
+from slimtune.errors import AdapterError, SlimtuneError
+from slimtune.evaluate import evaluate_model, generate_replies
+from slimtune.methods.lora import LoRAMethod, attach_lora, merge_and_unload
+from slimtune.models import load_model
+from slimtune.train.loop import run_training, seed_everything
+from slimtune.train.metrics import plot_loss
+
+RUN_CONFIG = "config.yaml"
+
+
+@dataclass
+class TrainResult:
+    """What `train` produced: the run directory and the before/after evaluation."""
+
+    output: Path
+    steps: int
+    tokens_per_s: float
+    base: dict[str, float] = field(default_factory=dict)
+    tuned: dict[str, float] = field(default_factory=dict)
+
+
+def _prepare_output(cfg: Config) -> Path:
+    out = cfg.output
+    if (out / WEIGHTS_NAME).exists() and not cfg.overwrite:
+        raise SlimtuneError(
+            f"output '{out}' already holds a finished run: choose another output=..., or pass overwrite=true to replace it"
+        )
+    if out.exists() and not out.is_dir():
+        raise SlimtuneError(f"output '{out}' exists and is not a directory: choose another output=...")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as exc:
+        raise SlimtuneError(f"cannot write to output '{out}' ({exc.strerror}): choose a writable directory") from None
+    for name in (WEIGHTS_NAME, CONFIG_NAME, "eval.json", "loss.png"):  # no stale files from an older run
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _print_eval(console: Console, base: dict[str, float], tuned: dict[str, float]) -> None:
+    console.print("[bold]evaluation on data.eval[/bold]       base      tuned")
+    for key in ("loss", "perplexity", "exact_match"):
+        if key in base and key in tuned:
+            console.print(f"  {key:<26}{base[key]:>9.4f}  {tuned[key]:>9.4f}")
+
+
+def train(cfg: Config, console: Console | None = None) -> TrainResult:
+    """Fine-tune `cfg.model` with `cfg.method` on `cfg.data`; writes the run directory `cfg.output`.
+
+    Everything that can be checked (config, data, targets, output directory) is checked before the
+    first training step, so bad input fails in seconds, not after an hour.
+    """
+    console = console or Console(stderr=True)
+    out = _prepare_output(cfg)
+    seed_everything(cfg.train.seed)
+    model, tokenizer, resolved = load_model(cfg.model)
+    train_set = load_dataset(cfg.data.train, tokenizer, cfg.data.format, cfg.data.max_length)
+    eval_set = load_dataset(cfg.data.eval, tokenizer, cfg.data.format, cfg.data.max_length) if cfg.data.eval else None
+    console.print(
+        f"slimtune: {cfg.method} on {cfg.model}; {len(train_set)} training examples ({train_set.format}, "
+        f"{train_set.num_tokens:,} tokens)" + (f", {len(eval_set)} eval examples" if eval_set else "")
+    )
+
+    base_metrics: dict[str, float] = {}
+    base_replies: list[str] = []
+    ev = cfg.eval
+    if eval_set is not None:
+        console.print("evaluating the base model ...")
+        base_metrics, base_replies = evaluate_model(model, tokenizer, eval_set, ev.generations, ev.max_new_tokens, ev.batch_size)
+
+    seed_everything(cfg.train.seed)
+    attach_lora(model, cfg.lora.targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
+    method = LoRAMethod("lora", model)
+    trainable, total = method.parameter_counts()
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    (out / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
+    summary = run_training(model, method, train_set, cfg.train, tokenizer.pad_token_id, out / "metrics.jsonl", console)
+
+    tuned_metrics: dict[str, float] = {}
+    report: dict[str, Any] = {"model": cfg.model, "steps": summary.steps, "train_tokens_per_s": summary.tokens_per_s}
+    if eval_set is not None:
+        console.print("evaluating the tuned model ...")
+        tuned_metrics, tuned_replies = evaluate_model(model, tokenizer, eval_set, ev.generations, ev.max_new_tokens, ev.batch_size)
+        report.update(base=base_metrics, tuned=tuned_metrics, generations=[
+            {"prompt": conv[-2]["content"], "reference": conv[-1]["content"], "base": b, "tuned": t}
+            for conv, b, t in zip(eval_set.conversations, base_replies, tuned_replies)
+        ])
+        _print_eval(console, base_metrics, tuned_metrics)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot_loss(summary.rows, out / "loss.png",
+              {"base": base_metrics["loss"], "tuned": tuned_metrics["loss"]} if tuned_metrics else None)
+    # The adapter is written last: its presence marks a finished run.
+    save_lora_adapter(model, out, base_model=resolved, dropout=cfg.lora.dropout)
+    console.print(f"wrote {out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, metrics.jsonl, loss.png, eval.json)")
+    return TrainResult(out, summary.steps, summary.tokens_per_s, base_metrics, tuned_metrics)
+
+
+def run_config(run_dir: str | Path) -> Config | None:
+    """The resolved config a slimtune run saved, or None for a bare PEFT adapter directory."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    return build_config(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
+
+
+def load_run(run_dir: str | Path, model: str | None = None):
+    """(model, tokenizer) with the run's LoRA adapter attached, in eval mode.
+
+    `run_dir` is a slimtune run or any PEFT LoRA adapter directory; the base model is `model` if given,
+    else the run's `model` key, else the adapter's `base_model_name_or_path`.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AdapterError(f"run directory '{run_dir}' does not exist: pass the `output` directory of a training run")
+    adapter_config = read_adapter_config(run_dir)
+    cfg = run_config(run_dir)
+    base_name = model or (cfg.model if cfg else None) or adapter_config.get("base_model_name_or_path")
+    if not base_name:
+        raise AdapterError(f"'{run_dir}' does not name its base model: pass --model")
+    base, tokenizer, _ = load_model(base_name)
+    load_lora_adapter(base, run_dir)
+    base.eval()
+    return base, tokenizer
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Merge the run's adapter into its base (W' = W + s B A) and save a plain HF model directory."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise SlimtuneError(f"merge output '{out}' is not empty: choose a new directory")
+    model, tokenizer = load_run(run_dir)
+    merge_and_unload(model)
+    if dtype is not None:
+        model.to(dtype)
+    model.config.use_cache = True
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    return out
+
+
+def generate(model, tokenizer, prompt: str | list[Message], max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, system: str | None = None) -> str:
+    """One reply to `prompt` (a user message, or a whole conversation), greedy unless temperature > 0."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    return generate_replies(model, tokenizer, [messages], max_new_tokens, 1, temperature, top_p)[0]
+
+
+__all__ = ["TrainResult", "generate", "load_run", "merge_run", "run_config", "train"]

@@ -1,0 +1,124 @@
+"""The `slimtune` command: a thin layer over the Python API.
+
+User errors (`SlimtuneError`) print one clear message and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from slimtune.errors import SlimtuneError
+
+app = typer.Typer(
+    name="slimtune", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Fine-tune language models on the hardware you have (LoRA, natively in PyTorch).",
+)
+console = Console(stderr=True)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file, e.g. examples/extract.yaml.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="KEY=VALUE overrides that win over the file, e.g. train.lr=1e-4 lora.r=8.")] = None,
+) -> None:
+    """Fine-tune a model: data -> adapter files, metrics.jsonl, loss.png, eval.json in `output`."""
+    from slimtune.api import train as train_run
+    from slimtune.config import load_config
+
+    train_run(load_config(config, overrides or []), console)
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="A training run's output directory (or a PEFT adapter).")],
+    out_dir: Annotated[Path, typer.Argument(help="New directory for the merged model.")],
+) -> None:
+    """Merge the adapter into the base weights (W' = W + alpha/r B A): a plain HF model directory."""
+    from slimtune.api import merge_run
+
+    out = merge_run(run_dir, out_dir)
+    console.print(f"wrote merged model to {out}/ (load it with AutoModelForCausalLM.from_pretrained)")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A training run's output directory.")],
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Token limit of the reply.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    system: Annotated[Optional[str], typer.Option(help="A system message to prepend.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+) -> None:
+    """Print the tuned model's reply to one prompt."""
+    import torch
+
+    from slimtune.api import generate as generate_reply
+    from slimtune.api import load_run
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_run(run_dir)
+    print(generate_reply(model, tokenizer, prompt, max_new_tokens, temperature, top_p, system))
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A training run's output directory.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
+) -> None:
+    """Talk to the tuned model. Empty line or /exit (or Ctrl-D) ends; /reset clears the history."""
+    from slimtune.api import generate as generate_reply
+    from slimtune.api import load_run
+
+    model, tokenizer = load_run(run_dir)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    console.print("chat with the tuned model; /reset clears the history, /exit or an empty line ends")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line or line == "/exit":
+            break
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate_reply(model, tokenizer, history, max_new_tokens, temperature)
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}", flush=True)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line on stderr and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except SlimtuneError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Typed, validated run configuration: YAML file + `key.sub=value` overrides -> `Config`.
+
+One place for every default. Unknown keys are errors that suggest the closest valid key, and all
+problems in a file are reported at once, so a typo never costs a training run.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slimtune.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Section):
+    """LoRA (Hu et al., 2021): y = W x + (alpha / r) B A x with A (r, d_in), B (d_out, r)."""
+
+    r: int = Field(16, gt=0, description="Rank of the update B A.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input x.")
+    targets: str | list[str] = Field(
+        "all-linear",
+        description="Modules to adapt: 'all-linear' (every nn.Linear but the LM head), a list of names "
+        "(a module matches if its path equals or ends with '.<name>'), or one regex matched against the "
+        "full module path.",
+    )
+
+
+class DataSettings(_Section):
+    """Where the examples come from and how they become tokens."""
+
+    train: Path = Field(description="JSON or JSONL file of training examples.")
+    eval: Path | None = Field(None, description="Held-out examples; without it no evaluation runs.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="Row format; 'auto' detects it from the first row's keys."
+    )
+    max_length: int = Field(1024, gt=1, description="Examples are truncated to this many tokens.")
+
+
+class TrainSettings(_Section):
+    """The one training loop's knobs."""
+
+    epochs: int = Field(1, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay on adapter matrices.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps with linear warmup.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = off.")
+    seed: int = Field(0, description="Seeds adapter init, dropout and data order.")
+    grad_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N optimizer steps.")
+
+
+class EvalSettings(_Section):
+    """Evaluation on `data.eval` before and after training."""
+
+    generations: int = Field(8, ge=0, description="Greedy generations shown side by side (base vs tuned).")
+    max_new_tokens: int = Field(64, gt=0, description="Token limit for each generation.")
+    batch_size: int = Field(8, gt=0, description="Examples per evaluation batch.")
+
+
+class Config(_Section):
+    """A whole run. See the README's config reference for every key."""
+
+    model: str = Field("smollm2-135m", description="Base model: alias, HF directory, .gguf file or hub id.")
+    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    output: Path = Field(Path("runs/run"), description="Run directory for adapter files, metrics and eval.")
+    overwrite: bool = Field(False, description="Replace a finished run already in `output`.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a model, e.g. 'smollm2-135m' or a HF model directory")
+        return value
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-able data (paths as strings)."""
+        return self.model_dump(mode="json")
+
+
+def _valid_keys(section: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a section, nested ones included."""
+    keys = []
+    for name, field in section.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_valid_keys(annotation, prefix + name + "."))
+    return keys
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        candidates = [k for k in _valid_keys(Config) if k.startswith(parent) and "." not in k[len(parent):]]
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else "valid keys here: " + ", ".join(candidates)
+        return f"unknown key '{key}': {hint}"
+    if error["type"] == "missing":
+        return f"missing key '{key}': add it to the config file or pass {key}=VALUE"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    return f"{key}: {message} (got {error.get('input')!r})"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "lora.targets=[q_proj,v_proj]"]` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not KEY=VALUE: write it like train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict; every problem is listed in one `ConfigError`."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join("  - " + _describe(e) for e in exc.errors())
+        raise ConfigError(f"{source} has {exc.error_count()} problem(s):\n{problems}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply `key.sub=value` overrides (they win), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist: pass the path of a YAML file, e.g. examples/extract.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax there") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (model:, data:, ...), got {type(data).__name__}")
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    return build_config(data, source=str(path))

@@ -1,0 +1,1 @@
+"""Fine-tuning methods: one file per method, each attaching small modules to a base model."""
