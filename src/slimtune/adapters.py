@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimtune.errors import AdapterError
-from slimtune.methods.lora import attach_lora, lora_layers, lora_state_dict
-from slimtune.methods.targets import short_names
+from slimtune.methods.lora import LoRALinear, attach_lora, lora_layers, lora_state_dict
+from slimtune.methods.targets import linear_layers, resolve_targets, short_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,6 +51,20 @@ def lora_adapter_config(
     }
 
 
+def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
+    """Short names (`q_proj`) when they select exactly `paths` under PEFT's suffix match, else the full paths.
+
+    A regex such as `.*layers\\.0\\.self_attn\\.q_proj` adapts a subset of the q_proj layers; writing just
+    `q_proj` would make PEFT (and our own loader) adapt every q_proj.
+    """
+    names = short_names(paths)
+    selected = {
+        path for path, module in model.named_modules()
+        if isinstance(module, (nn.Linear, LoRALinear)) and path.rsplit(".", 1)[-1] in names
+    }
+    return names if selected == set(paths) else sorted(paths)
+
+
 def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dropout: float = 0.0) -> Path:
     """Write the model's LoRA adapter to `out_dir` in PEFT's format; returns the weights path."""
     layers = lora_layers(model)
@@ -66,7 +80,7 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dr
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     config = lora_adapter_config(
         r=ranks.pop(), alpha=alphas.pop(), dropout=dropout,
-        target_modules=short_names(list(layers)), base_model=base_model,
+        target_modules=_target_modules(model, list(layers)), base_model=base_model,
     )
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out / WEIGHTS_NAME
@@ -108,8 +122,13 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, An
         hint = " (adapter_model.bin is a pickle and is never loaded: re-save it as safetensors)" if pickled.exists() else ""
         raise AdapterError(f"'{adapter_dir}' has no {WEIGHTS_NAME}{hint}")
     tensors = load_file(str(weights))
-    attach_lora(model, config["target_modules"], r=int(config["r"]), alpha=float(config["lora_alpha"]))
-    expected = {PEFT_PREFIX + key: value for key, value in lora_state_dict(model).items()}
+    r = int(config["r"])
+    layers = linear_layers(model)
+    # Check every key and shape before touching the model, so a bad file leaves it unchanged.
+    expected: dict[str, tuple[int, ...]] = {}
+    for path in resolve_targets(model, config["target_modules"]):
+        expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (r, layers[path].in_features)
+        expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (layers[path].out_features, r)
     # PEFT keeps the adapter name in memory ('.lora_A.default.weight') but not in files; accept both.
     loaded = {key.replace(".default.weight", ".weight"): value for key, value in tensors.items()}
     missing = sorted(set(expected) - set(loaded))
@@ -119,10 +138,11 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, An
             f"{weights} does not fit the base model: {len(missing)} missing keys (e.g. {missing[:2]}), "
             f"{len(extra)} unexpected keys (e.g. {extra[:2]}); was it trained on another base model?"
         )
+    for key, shape in expected.items():
+        if tuple(loaded[key].shape) != shape:
+            raise AdapterError(f"{weights}: '{key}' has shape {tuple(loaded[key].shape)}, the model needs {shape}")
+    attach_lora(model, config["target_modules"], r=r, alpha=float(config["lora_alpha"]))
     with torch.no_grad():
-        for key, target in expected.items():
-            source = loaded[key]
-            if source.shape != target.shape:
-                raise AdapterError(f"{weights}: '{key}' has shape {tuple(source.shape)}, the model needs {tuple(target.shape)}")
-            target.copy_(source.to(target.dtype))
+        for key, target in lora_state_dict(model).items():
+            target.copy_(loaded[PEFT_PREFIX + key].to(target.dtype))
     return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from slimtune.methods.lora import LoRAMethod, attach_lora, merge_and_unload
 from slimtune.models import load_model
 from slimtune.train.loop import run_training, seed_everything
 from slimtune.train.metrics import plot_loss
+from slimtune.train.packing import use_packed_attention
+from slimtune.train.precision import resolve_device, resolve_precision, weight_dtype
 
 RUN_CONFIG = "config.yaml"
 
@@ -31,9 +34,17 @@ class TrainResult:
 
     output: Path
     steps: int
-    tokens_per_s: float
+    examples: int
+    tokens: int
+    train_seconds: float
+    precision: str
+    packing: bool
     base: dict[str, float] = field(default_factory=dict)
     tuned: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
 def _prepare_output(cfg: Config) -> Path:
@@ -63,7 +74,7 @@ def _print_eval(console: Console, base: dict[str, float], tuned: dict[str, float
             console.print(f"  {key:<26}{base[key]:>9.4f}  {tuned[key]:>9.4f}")
 
 
-def train(cfg: Config, console: Console | None = None) -> TrainResult:
+def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with `cfg.method` on `cfg.data`; writes the run directory `cfg.output`.
 
     Everything that can be checked (config, data, targets, output directory) is checked before the
@@ -72,12 +83,19 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     console = console or Console(stderr=True)
     out = _prepare_output(cfg)
     seed_everything(cfg.train.seed)
-    model, tokenizer, resolved = load_model(cfg.model)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    model, tokenizer, resolved = load_model(cfg.model, dtype=weight_dtype(precision))
+    model.to(device)
+    packing = cfg.train.packing and use_packed_attention(model)
+    if cfg.train.packing and not packing:
+        console.print("note: this architecture cannot use packed attention; training with padded batches")
     train_set = load_dataset(cfg.data.train, tokenizer, cfg.data.format, cfg.data.max_length)
     eval_set = load_dataset(cfg.data.eval, tokenizer, cfg.data.format, cfg.data.max_length) if cfg.data.eval else None
     console.print(
         f"slimtune: {cfg.method} on {cfg.model}; {len(train_set)} training examples ({train_set.format}, "
         f"{train_set.num_tokens:,} tokens)" + (f", {len(eval_set)} eval examples" if eval_set else "")
+        + f"; {device.type}, {precision}{', packed' if packing else ''}"
     )
 
     base_metrics: dict[str, float] = {}
@@ -85,7 +103,8 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     ev = cfg.eval
     if eval_set is not None:
         console.print("evaluating the base model ...")
-        base_metrics, base_replies = evaluate_model(model, tokenizer, eval_set, ev.generations, ev.max_new_tokens, ev.batch_size)
+        base_metrics, base_replies = evaluate_model(
+            model, tokenizer, eval_set, ev.generations, ev.max_new_tokens, ev.batch_size, precision)
 
     seed_everything(cfg.train.seed)
     attach_lora(model, cfg.lora.targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
@@ -94,13 +113,15 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     (out / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
-    summary = run_training(model, method, train_set, cfg.train, tokenizer.pad_token_id, out / "metrics.jsonl", console)
+    summary = run_training(model, method, train_set, cfg.train, tokenizer.pad_token_id, out / "metrics.jsonl",
+                           console, device=device, precision=precision, packing=packing)
 
     tuned_metrics: dict[str, float] = {}
     report: dict[str, Any] = {"model": cfg.model, "steps": summary.steps, "train_tokens_per_s": summary.tokens_per_s}
     if eval_set is not None:
         console.print("evaluating the tuned model ...")
-        tuned_metrics, tuned_replies = evaluate_model(model, tokenizer, eval_set, ev.generations, ev.max_new_tokens, ev.batch_size)
+        tuned_metrics, tuned_replies = evaluate_model(
+            model, tokenizer, eval_set, ev.generations, ev.max_new_tokens, ev.batch_size, precision)
         report.update(base=base_metrics, tuned=tuned_metrics, generations=[
             {"prompt": conv[-2]["content"], "reference": conv[-1]["content"], "base": b, "tuned": t}
             for conv, b, t in zip(eval_set.conversations, base_replies, tuned_replies)
@@ -112,7 +133,8 @@ def train(cfg: Config, console: Console | None = None) -> TrainResult:
     # The adapter is written last: its presence marks a finished run.
     save_lora_adapter(model, out, base_model=resolved, dropout=cfg.lora.dropout)
     console.print(f"wrote {out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, metrics.jsonl, loss.png, eval.json)")
-    return TrainResult(out, summary.steps, summary.tokens_per_s, base_metrics, tuned_metrics)
+    return TrainResult(out, summary.steps, summary.examples, summary.tokens, summary.seconds, precision, packing,
+                       base_metrics, tuned_metrics)
 
 
 def run_config(run_dir: str | Path) -> Config | None:
@@ -153,13 +175,18 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
     if dtype is not None:
         model.to(dtype)
     model.config.use_cache = True
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
+    # Write beside the target and rename, so an interrupted merge never leaves a half-written model.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 
@@ -172,4 +199,4 @@ def generate(model, tokenizer, prompt: str | list[Message], max_new_tokens: int 
     return generate_replies(model, tokenizer, [messages], max_new_tokens, 1, temperature, top_p)[0]
 
 
-__all__ = ["TrainResult", "generate", "load_run", "merge_run", "run_config", "train"]
+__all__ = ["TrainResult", "finetune", "generate", "load_run", "merge_run", "run_config"]

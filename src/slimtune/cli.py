@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from slimtune.errors import SlimtuneError
 
@@ -28,10 +29,10 @@ def train(
         help="KEY=VALUE overrides that win over the file, e.g. train.lr=1e-4 lora.r=8.")] = None,
 ) -> None:
     """Fine-tune a model: data -> adapter files, metrics.jsonl, loss.png, eval.json in `output`."""
-    from slimtune.api import train as train_run
+    from slimtune.api import finetune
     from slimtune.config import load_config
 
-    train_run(load_config(config, overrides or []), console)
+    finetune(load_config(config, overrides or []), console)
 
 
 @app.command()
@@ -100,24 +101,17 @@ def chat(
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 2."""
     try:
-        app(standalone_mode=False)
+        # Standalone mode: typer prints usage errors itself (exit 2) and handles --help, typer.Exit and
+        # Ctrl-C; catching click's classes here breaks with typer >= 0.22, which vendors its own click.
+        app()
     except SlimtuneError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+        # Escaped: messages hold brackets ('[q_proj, v_proj]') that are not markup. soft_wrap: no line
+        # breaks inside paths when stderr is not a terminal.
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":

@@ -59,6 +59,14 @@ class TrainSettings(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = off.")
     seed: int = Field(0, description="Seeds adapter init, dropout and data order.")
     grad_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16: base weights stored in bf16, adapters/optimizer fp32, bf16 autocast. "
+        "auto: bf16 where the hardware has fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs), else fp32.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available, else CPU.")
+    packing: bool = Field(True, description="Pack each micro-batch into one row without padding; attention "
+                          "stays within each example.")
+    group_by_length: bool = Field(True, description="Without packing: batch examples of similar length.")
+    loss_chunk: int = Field(1024, gt=0, description="Tokens per chunk of the LM head + cross-entropy.")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N optimizer steps.")
 
 
@@ -105,6 +113,21 @@ def _valid_keys(section: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _first_required_key(key: str) -> str:
+    """A missing section is named by the key inside it without a default ('data' -> 'data.train'):
+    `key=VALUE` only works for that leaf key."""
+    section: Any = Config
+    for part in key.split("."):
+        field = getattr(section, "model_fields", {}).get(part)
+        section = field.annotation if field is not None else None
+    while isinstance(section, type) and issubclass(section, BaseModel):
+        required = [name for name, field in section.model_fields.items() if field.is_required()]
+        if not required:
+            break
+        key, section = f"{key}.{required[0]}", section.model_fields[required[0]].annotation
+    return key
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -114,6 +137,7 @@ def _describe(error: dict[str, Any]) -> str:
         hint = f"did you mean '{close[0]}'?" if close else "valid keys here: " + ", ".join(candidates)
         return f"unknown key '{key}': {hint}"
     if error["type"] == "missing":
+        key = _first_required_key(key)
         return f"missing key '{key}': add it to the config file or pass {key}=VALUE"
     message = error["msg"]
     if message.startswith("Value error, "):
@@ -173,6 +197,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax there") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -14,17 +14,21 @@ from torch import nn
 
 from slimtune.data import ChatRenderer, Dataset, Message, pad_batch
 from slimtune.train.loss import response_loss_sum
+from slimtune.train.precision import autocast
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, dataset: Dataset, pad_token_id: int, batch_size: int = 8) -> dict[str, float]:
+def evaluate_loss(model: nn.Module, dataset: Dataset, pad_token_id: int, batch_size: int = 8,
+                  precision: str = "fp32") -> dict[str, float]:
     """{'loss', 'perplexity', 'tokens'} over the labelled tokens of `dataset`."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = pad_batch(dataset.examples[start: start + batch_size], pad_token_id)
-        loss_sum, n = response_loss_sum(model, batch)
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        with autocast(precision, model.device):
+            loss_sum, n = response_loss_sum(model, batch)
         total += float(loss_sum)
         count += n
     model.train(was_training)
@@ -41,6 +45,7 @@ def generate_replies(
     batch_size: int = 8,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    precision: str = "fp32",
 ) -> list[str]:
     """Replies to each prompt conversation (greedy when temperature == 0), batched with left padding."""
     renderer = ChatRenderer(tokenizer)
@@ -58,11 +63,12 @@ def generate_replies(
             attention_mask[row, width - len(ids):] = 1
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        output = model.generate(
-            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-            use_cache=True, **sampling,
-        )
+        with autocast(precision, model.device):
+            output = model.generate(
+                input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                use_cache=True, **sampling,
+            )
         for row in output[:, width:]:
             replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)
@@ -77,12 +83,13 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def evaluate_model(model: nn.Module, tokenizer, dataset: Dataset, generations: int, max_new_tokens: int,
-                   batch_size: int) -> tuple[dict[str, float], list[str]]:
+                   batch_size: int, precision: str = "fp32") -> tuple[dict[str, float], list[str]]:
     """Loss/perplexity on the whole set, plus greedy replies and exact match on the first `generations`."""
-    metrics = evaluate_loss(model, dataset, tokenizer.pad_token_id, batch_size)
+    metrics = evaluate_loss(model, dataset, tokenizer.pad_token_id, batch_size, precision)
     replies: list[str] = []
     if generations > 0:
         conversations = dataset.conversations[:generations]
-        replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], max_new_tokens, batch_size)
+        replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], max_new_tokens, batch_size,
+                                   precision=precision)
         metrics["exact_match"] = exact_match(replies, [c[-1]["content"] for c in conversations])
     return metrics, replies

@@ -57,7 +57,7 @@ def read_rows(path: str | Path) -> list[Row]:
     if not path.is_file():
         raise DataError(f"data file '{path}' does not exist: check data.train / data.eval in your config")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     if not text.strip():
@@ -67,7 +67,9 @@ def read_rows(path: str | Path) -> list[Row]:
         rows = _read_json_array(path, text)
     else:
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON strings may
+        # hold unescaped (json.dumps(..., ensure_ascii=False) writes them raw).
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -31,6 +31,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
+        if r < 1 or alpha <= 0:
+            raise AdapterError(f"LoRA needs r >= 1 and alpha > 0, got r={r}, alpha={alpha}")
         if r > min(base_layer.in_features, base_layer.out_features):
             raise AdapterError(
                 f"LoRA rank r={r} exceeds the layer size ({base_layer.out_features} x {base_layer.in_features}): "

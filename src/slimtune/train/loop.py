@@ -25,6 +25,8 @@ from slimtune.data import Dataset, Encoded, pad_batch
 from slimtune.methods.base import AttachedMethod
 from slimtune.train.loss import response_loss_sum
 from slimtune.train.metrics import MetricsLog
+from slimtune.train.packing import pack_examples
+from slimtune.train.precision import autocast
 from slimtune.train.schedule import lr_multiplier, warmup_steps
 
 
@@ -54,16 +56,39 @@ def total_steps(num_examples: int, settings: TrainSettings) -> int:
     return settings.epochs * math.ceil(num_examples / (settings.batch_size * settings.grad_accum))
 
 
-def micro_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[list[Encoded], float]]:
+def _length_grouped(order: list[int], dataset: Dataset, batch_size: int, generator: torch.Generator) -> list[int]:
+    """Reorder so each batch holds examples of similar length (less padding), batches in random order.
+
+    Sorting happens inside windows of 50 batches, so the data order stays random at a larger scale.
+    """
+    window = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        block = sorted(order[start: start + window], key=lambda i: len(dataset.examples[i].input_ids))
+        batches += [block[i: i + batch_size] for i in range(0, len(block), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]]
+
+
+def micro_batches(dataset: Dataset, batch_size: int, seed: int, group_by_length: bool = False
+                  ) -> Iterator[tuple[list[Encoded], float]]:
     """Endless shuffled micro-batches (a new permutation each epoch), with the epoch position."""
     generator = torch.Generator().manual_seed(seed)
     epoch = 0
     while True:
         order = torch.randperm(len(dataset), generator=generator).tolist()
+        if group_by_length:
+            order = _length_grouped(order, dataset, batch_size, generator)
         for start in range(0, len(order), batch_size):
             chunk = [dataset.examples[i] for i in order[start: start + batch_size]]
             yield chunk, epoch + (start + len(chunk)) / len(order)
         epoch += 1
+
+
+def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device: torch.device) -> dict:
+    """A packed (one row, no padding) or padded micro-batch on `device`."""
+    batch = pack_examples(examples) if packing else pad_batch(examples, pad_token_id)
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def run_training(
@@ -74,8 +99,14 @@ def run_training(
     pad_token_id: int,
     metrics_path: Path,
     console: Console | None = None,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "fp32",
+    packing: bool = False,
 ) -> TrainSummary:
-    """Train `method`'s parameters on `dataset`; logs to `metrics_path` (JSONL) and a progress bar."""
+    """Train `method`'s parameters on `dataset`; logs to `metrics_path` (JSONL) and a progress bar.
+
+    `packing` needs the model switched to packed attention (`use_packed_attention`) beforehand.
+    """
     console = console or Console(stderr=True)
     params = method.trainable_parameters()
     if not params:
@@ -90,7 +121,7 @@ def run_training(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     log = MetricsLog(metrics_path)
-    batches = micro_batches(dataset, settings.batch_size, settings.seed)
+    batches = micro_batches(dataset, settings.batch_size, settings.seed, settings.group_by_length and not packing)
     tokens_seen = examples_seen = 0
     loss_value = float("nan")
     started = time.perf_counter()
@@ -105,13 +136,14 @@ def run_training(
         task = progress.add_task("train", total=steps, loss="-", lr="-", tps="-")
         for step in range(1, steps + 1):
             micro = [next(batches) for _ in range(settings.grad_accum)]
-            padded = [pad_batch(chunk, pad_token_id) for chunk, _ in micro]
-            label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in padded)
+            prepared = [make_batch(chunk, packing, pad_token_id, device) for chunk, _ in micro]
+            label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in prepared)
             lr = optimizer.param_groups[0]["lr"]
             step_loss = 0.0
             extra_total = 0.0
-            for batch in padded:
-                loss_sum, _ = response_loss_sum(model, batch)
+            for batch in prepared:
+                with autocast(precision, device):
+                    loss_sum, _ = response_loss_sum(model, batch, settings.loss_chunk)
                 loss = loss_sum / max(label_tokens, 1)
                 extra = method.extra_loss()
                 if extra is not None:
@@ -120,7 +152,7 @@ def run_training(
                     loss = loss + extra
                 loss.backward()
                 step_loss += float(loss_sum.detach()) / max(label_tokens, 1)
-                tokens_seen += int(batch["attention_mask"].sum())
+            tokens_seen += sum(len(example.input_ids) for chunk, _ in micro for example in chunk)
             examples_seen += sum(len(chunk) for chunk, _ in micro)
             if settings.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))

@@ -1,0 +1,90 @@
+"""slimtune side of the training-speed benchmark: one configuration per process.
+
+Trains LoRA (r=16, alpha=32, dropout 0.05, q/k/v/o, linear schedule without warmup: the peer's
+hyperparameters) through `slimtune.finetune`, then measures the response-token eval loss with the very
+same code the peer uses (`peer_trainer.response_eval_loss`: fp32 base + the saved adapter loaded by
+PEFT), so both sides are judged by one yardstick.
+
+    python bench/slimtune_runner.py --model-dir DIR --train T.jsonl --eval E.jsonl [--precision auto]
+        [--no-packing] [--grad-checkpointing] [--batch-size 4] [--lr 2e-4] [--json-out R.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_trainer import _peak_rss_mb, response_eval_loss, response_features, rows_from_jsonl  # noqa: E402
+
+
+def run(args: argparse.Namespace) -> dict:
+    import slimtune
+    from slimtune.config import build_config
+    from rich.console import Console
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="slimtune-bench-"))
+    cfg = build_config({
+        "model": args.model_dir, "output": str(work / "run"), "overwrite": True,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "data": {"train": args.train, "max_length": args.max_length},
+        "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.0,
+                  "schedule": "linear", "seed": args.seed, "precision": args.precision,
+                  "packing": not args.no_packing, "grad_checkpointing": args.grad_checkpointing,
+                  "log_every": 10},
+    })
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = slimtune.finetune(cfg, Console(stderr=True, quiet=True))
+    peak_rss = _peak_rss_mb()
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(device)
+    model = PeftModel.from_pretrained(base, str(result.output)).to(device)
+    features = response_features(tokenizer, rows_from_jsonl(args.eval), args.max_length)
+    eval_loss, _ = response_eval_loss(model, features, tokenizer.pad_token_id, device, batch_size=8)
+    name = "slimtune " + result.precision + (" packed" if result.packing else " padded")
+    if args.grad_checkpointing:
+        name += " +ckpt"
+    return {
+        "name": name, "tokens": result.tokens, "examples": result.examples, "train_s": result.train_seconds,
+        "tokens_per_s": result.tokens_per_s, "s_per_example": result.train_seconds / max(result.examples, 1),
+        "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu, "eval_loss": eval_loss, "steps": result.steps,
+        "precision": result.precision, "device": device.type,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--eval", required=True)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--no-packing", action="store_true")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--work-dir")
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    result = run(args)
+    line = json.dumps(result)
+    print(line)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Padding-free packing: several examples in one row, attention kept inside each example.
+
+A packed micro-batch is one row of length T = sum of the example lengths, with position ids that
+restart at 0 for every example (so rotary embeddings see each example as if it were alone) and the
+example boundaries `cu_seq_lens` = [0, l_1, l_1 + l_2, ..., T]. Attention runs per example: causal
+scaled-dot-product attention on each [start, end) slice, so no FLOP is spent on padding or across
+examples, unlike a full (T x T) masked attention that throws most of its work away.
+
+The attention function is registered with transformers under the name `slimtune_packed`. Without
+`cu_seq_lens_q` in its keyword arguments (evaluation, generation) it is plain SDPA. The same keyword
+names are what flash-attention's varlen path reads, so a CUDA model can use `flash_attention_2` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.data.render import IGNORE_INDEX, Encoded
+
+ATTENTION_NAME = "slimtune_packed"
+
+
+def pack_examples(examples: Sequence[Encoded]) -> dict[str, torch.Tensor | int]:
+    """Concatenate examples into one row: input_ids, labels, position_ids of shape (1, T), plus
+    cu_seq_lens_q/k (n + 1,) int32 boundaries and max_length_q/k."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    bounds = [0]
+    for example in examples:
+        ids += example.input_ids
+        # The first token of an example is never a target: the previous position belongs to another example.
+        labels += [IGNORE_INDEX] + example.labels[1:]
+        positions += range(len(example.input_ids))
+        bounds.append(len(ids))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(len(example.input_ids) for example in examples)
+    return {
+        "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]), "attention_mask": None,
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+    }
+
+
+def packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # (1, heads, T, head_dim)
+    key: torch.Tensor,  # (1, kv_heads, T, head_dim)
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed example; plain SDPA when the input is not packed."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    edges = bounds.tolist()
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
+        )
+        for start, end in zip(edges[:-1], edges[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (1, T, heads, head_dim)
+
+
+def _packed_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    # Packed rows carry no 2D mask: the boundaries travel as cu_seq_lens. Otherwise defer to SDPA's mask.
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def use_packed_attention(model: nn.Module) -> bool:
+    """Switch `model` to the packed attention function. Returns False if the model cannot use it
+    (an architecture outside transformers' attention interface); the caller then pads instead."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, packed_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _packed_mask)
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return model.config._attn_implementation == ATTENTION_NAME
