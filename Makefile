@@ -21,7 +21,7 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/slimtune train examples/extract.yaml
+	$(BIN)/slimtune train examples/extract.yaml overwrite=true
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -178,8 +178,6 @@ def test_finished_output_without_overwrite(monkeypatch, capsys, tmp_path, tiny_m
         "a refused run must leave the finished run's files alone"
 
 
-@pytest.mark.xfail(strict=True, reason="bug in api.train: _prepare_output deletes the finished run's adapter "
-                   "before the model, data and targets are checked")
 def test_overwrite_keeps_the_old_run_when_the_new_config_is_invalid(monkeypatch, capsys, tmp_path, tiny_model_dir):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "adapter_model.safetensors").write_bytes(b"finished")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from slimtune.adapters import CONFIG_NAME, WEIGHTS_NAME, load_lora_adapter, read_adapter_config, save_lora_adapter
 from slimtune.config import Config, build_config
@@ -62,9 +63,14 @@ def _prepare_output(cfg: Config) -> Path:
         probe.unlink()
     except OSError as exc:
         raise SlimtuneError(f"cannot write to output '{out}' ({exc.strerror}): choose a writable directory") from None
-    for name in (WEIGHTS_NAME, CONFIG_NAME, "eval.json", "loss.png"):  # no stale files from an older run
-        (out / name).unlink(missing_ok=True)
     return out
+
+
+def _clear_previous_run(out: Path) -> None:
+    """Remove an older run's files; called only once every check has passed, so a bad config never
+    costs a finished run."""
+    for name in (WEIGHTS_NAME, CONFIG_NAME, "eval.json", "loss.png", "metrics.jsonl", RUN_CONFIG):
+        (out / name).unlink(missing_ok=True)
 
 
 def _print_eval(console: Console, base: dict[str, float], tuned: dict[str, float]) -> None:
@@ -93,7 +99,7 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     train_set = load_dataset(cfg.data.train, tokenizer, cfg.data.format, cfg.data.max_length)
     eval_set = load_dataset(cfg.data.eval, tokenizer, cfg.data.format, cfg.data.max_length) if cfg.data.eval else None
     console.print(
-        f"slimtune: {cfg.method} on {cfg.model}; {len(train_set)} training examples ({train_set.format}, "
+        f"slimtune: {cfg.method} on {escape(cfg.model)}; {len(train_set)} training examples ({train_set.format}, "
         f"{train_set.num_tokens:,} tokens)" + (f", {len(eval_set)} eval examples" if eval_set else "")
         + f"; {device.type}, {precision}{', packed' if packing else ''}"
     )
@@ -109,6 +115,7 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     seed_everything(cfg.train.seed)
     attach_lora(model, cfg.lora.targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
     method = LoRAMethod("lora", model)
+    _clear_previous_run(out)
     trainable, total = method.parameter_counts()
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
@@ -132,7 +139,7 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
               {"base": base_metrics["loss"], "tuned": tuned_metrics["loss"]} if tuned_metrics else None)
     # The adapter is written last: its presence marks a finished run.
     save_lora_adapter(model, out, base_model=resolved, dropout=cfg.lora.dropout)
-    console.print(f"wrote {out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, metrics.jsonl, loss.png, eval.json)")
+    console.print(f"wrote {escape(str(out))}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, metrics.jsonl, loss.png, eval.json)")
     return TrainResult(out, summary.steps, summary.examples, summary.tokens, summary.seconds, precision, packing,
                        base_metrics, tuned_metrics)
 

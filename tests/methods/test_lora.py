@@ -245,3 +245,31 @@ def test_eval_and_to_do_not_merge(tiny_model, input_ids):
         assert not layer.merged, f"{path}: .eval()/.to() must never merge"
         ref = reference.get_submodule(path).base_layer.weight
         assert torch.equal(layer.base_layer.weight, ref), f"{path}: .eval()/.to() must not change the base weight"
+
+
+def test_drop_elements_zeroes_a_fraction_p_and_keeps_the_rest():
+    from slimtune.methods.lora import drop_elements
+
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1000) + 1.0  # no zeros of its own
+    dropped = drop_elements(x, 0.25)
+    zero_fraction = (dropped == 0).float().mean().item()
+    # Binomial(1e6, 0.25) has std 4.3e-4: 0.003 is 7 standard deviations.
+    assert abs(zero_fraction - 0.25) < 3e-3, f"expected ~25% zeros, got {zero_fraction:.4f}"
+    kept = dropped != 0
+    assert torch.equal(dropped[kept], x[kept]), "surviving elements must be unchanged"
+
+
+def test_dropout_path_is_unbiased_in_expectation():
+    """E[s/(1-p) * B A (mask * x)] = s * B A x: the 1/(1-p) factor sits on the rank-r path."""
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(torch.nn.Linear(32, 8, bias=False), r=4, alpha=8, dropout=0.3)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(1, 32)
+    layer.eval()
+    exact = layer(x) - layer.base_layer(x)
+    layer.train()
+    with torch.no_grad():
+        mean = torch.stack([layer(x) - layer.base_layer(x) for _ in range(20000)]).mean(0)
+    assert torch.allclose(mean, exact, atol=0.05 * exact.abs().max().item()), \
+        f"dropout must be unbiased: mean update {mean} vs exact {exact}"

@@ -92,11 +92,11 @@ def load_model(
             resolved, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        hint = (
-            "the machine may be offline: download the model elsewhere and pass its directory"
-            if resolved == name
-            else "check that the directory holds a complete HF causal LM with safetensors weights"
-        )
+        if resolved != name:
+            hint = "check that the directory holds a complete HF causal LM with safetensors weights"
+        else:
+            hint = (f"there is no local directory '{Path(name).resolve()}', so it was taken for a hub id; "
+                    "if the machine is offline, download the model elsewhere and pass its directory")
         raise ModelLoadError(f"could not load model '{name}': {exc}; {hint}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
