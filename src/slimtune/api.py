@@ -23,6 +23,7 @@ from slimtune.methods.lora import LoRAMethod, attach_lora, merge_and_unload
 from slimtune.models import load_model
 from slimtune.train.loop import run_training, seed_everything
 from slimtune.train.metrics import plot_loss
+from slimtune.train.fused import fuse_modules
 from slimtune.train.packing import use_packed_attention
 from slimtune.train.precision import resolve_device, resolve_precision, weight_dtype
 
@@ -94,6 +95,8 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     model, tokenizer, resolved = load_model(cfg.model, dtype=weight_dtype(precision))
     model.to(device)
     packing = cfg.train.packing and use_packed_attention(model)
+    if cfg.train.fused_ops:
+        fuse_modules(model)
     if cfg.train.packing and not packing:
         console.print("note: this architecture cannot use packed attention; training with padded batches")
     train_set = load_dataset(cfg.data.train, tokenizer, cfg.data.format, cfg.data.max_length)

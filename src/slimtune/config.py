@@ -66,6 +66,7 @@ class TrainSettings(_Section):
     packing: bool = Field(True, description="Pack each micro-batch into one row without padding; attention "
                           "stays within each example.")
     group_by_length: bool = Field(True, description="Without packing: batch examples of similar length.")
+    fused_ops: bool = Field(True, description="Fused RMSNorm and SwiGLU (Llama-style models) for training.")
     loss_chunk: int = Field(1024, gt=0, description="Tokens per chunk of the LM head + cross-entropy.")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N optimizer steps.")
 
