@@ -102,7 +102,9 @@ class LoRALinear(nn.Module):
             # Inverted dropout with the 1/(1-p) factor moved onto the rank-r path, where it is cheap.
             x = drop_elements(x, self.dropout)
             scale = scale / (1.0 - self.dropout)
-        update = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))  # (..., d_out)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)  # e.g. a bf16 base with fp32 adapters, no autocast
+        update = self.lora_B(self.lora_A(x))  # (..., d_out)
         return out + (update * scale).to(out.dtype)
 
     @torch.no_grad()

@@ -84,3 +84,34 @@ def convert_gguf(gguf_path: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def bf16_variant(model_dir: str | Path) -> Path | None:
+    """For a directory this module converted, a bf16 copy beside it (made once); else None.
+
+    Loading fp32 safetensors into a bf16 model maps the whole fp32 file and converts it, which makes
+    the peak memory of a bf16 run ~3x the bf16 weights. A bf16 copy loads at the size of the weights.
+    Rounding to bf16 is exactly what loading with dtype=bfloat16 does, so the weights are identical.
+    """
+    source = Path(model_dir)
+    if not (source / _DONE_MARKER).is_file():
+        return None
+    target = source.with_name(source.name + "-bf16")
+    if (target / _DONE_MARKER).is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _DONE_MARKER).write_text(f"bf16 copy of {source}\n", encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from slimtune.errors import ModelLoadError
-from slimtune.models.gguf_cache import convert_gguf, slimtune_home
+from slimtune.models.gguf_cache import bf16_variant, convert_gguf, slimtune_home
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_model(name)
+    if dtype == torch.bfloat16:
+        resolved = str(bf16_variant(resolved) or resolved)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
