@@ -14,7 +14,7 @@ The Python API mirrors the CLI:
 
 from slimtune.config import Config, load_config
 from slimtune.errors import SlimtuneError
-from slimtune.api import finetune, generate, load_run, merge_run
+from slimtune.api import evaluate_run, finetune, generate, load_run, merge_run
 
-__all__ = ["Config", "SlimtuneError", "finetune", "generate", "load_config", "load_run", "merge_run"]
+__all__ = ["Config", "SlimtuneError", "evaluate_run", "finetune", "generate", "load_config", "load_run", "merge_run"]
 __version__ = "0.1.0"

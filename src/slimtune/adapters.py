@@ -8,6 +8,7 @@ Only safetensors is read: a `.bin` adapter (pickle) is refused rather than unpic
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,19 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     config = lora_adapter_config(
         r=ranks.pop(), alpha=alphas.pop(), dropout=dropout,
         target_modules=_target_modules(model, list(layers)), base_model=base_model,
     )
+    # Config first, weights last and renamed into place: a weights file is never half written, and
+    # its presence is what marks a finished run.
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    partial = out / f".{WEIGHTS_NAME}.partial"
+    try:
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        os.replace(partial, out / WEIGHTS_NAME)
+    finally:
+        partial.unlink(missing_ok=True)
     return out / WEIGHTS_NAME
 
 

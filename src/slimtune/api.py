@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +12,15 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from slimtune.atomic import staged_directory
 from slimtune.adapters import CONFIG_NAME, WEIGHTS_NAME, load_lora_adapter, read_adapter_config, save_lora_adapter
-from slimtune.config import Config, build_config
+from slimtune.config import Config, EvalSettings, build_config
 from slimtune.data import Message, load_dataset
-from slimtune.errors import AdapterError, SlimtuneError
-from slimtune.evaluate import evaluate_model, generate_replies
-from slimtune.methods.lora import LoRAMethod, attach_lora, merge_and_unload
+from slimtune.errors import AdapterError, DataError, OutputWriteError, SlimtuneError
+from slimtune.evaluate import evaluate_model, format_eval_report, generate_replies
+from slimtune.methods.lora import LoRAMethod, adapters_disabled, attach_lora, merge_and_unload
 from slimtune.models import load_model
+from slimtune.train.checkpoint import Checkpoint, latest_checkpoint
 from slimtune.train.loop import run_training, seed_everything
 from slimtune.train.metrics import plot_loss
 from slimtune.train.fused import fuse_modules
@@ -28,6 +28,7 @@ from slimtune.train.packing import use_packed_attention
 from slimtune.train.precision import resolve_device, resolve_precision, weight_dtype
 
 RUN_CONFIG = "config.yaml"
+EVAL_REPORT, EVAL_METRICS = "eval_report.md", "eval_metrics.json"
 
 
 @dataclass
@@ -49,8 +50,48 @@ class TrainResult:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
+CHECKPOINTS = "checkpoints"
+# Config keys whose change makes a checkpoint meaningless to continue from.
+_RESUME_INSENSITIVE = {"resume", "overwrite", "output", "eval", "train.log_every", "train.save_every",
+                       "train.keep_checkpoints", "train.on_nan", "train.device", "data.eval"}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _resume_point(cfg: Config) -> Checkpoint:
+    """The checkpoint to resume from, after checking it fits the current config."""
+    checkpoint = latest_checkpoint(cfg.output / CHECKPOINTS)
+    if checkpoint is None:
+        raise SlimtuneError(
+            f"resume=true, but '{cfg.output / CHECKPOINTS}' holds no complete checkpoint: run without resume=true"
+        )
+    saved, current = _flatten(checkpoint.state.get("config", {})), _flatten(cfg.to_yaml_dict())
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+        and key not in _RESUME_INSENSITIVE and key.split(".")[0] not in _RESUME_INSENSITIVE
+    ]
+    if changed:
+        raise SlimtuneError(
+            f"cannot resume from {checkpoint.path}: the config differs where it matters ({'; '.join(changed)}); "
+            "restore those values, or start a new run in another output directory"
+        )
+    return checkpoint
+
+
 def _prepare_output(cfg: Config) -> Path:
     out = cfg.output
+    if (out / WEIGHTS_NAME).exists() and cfg.resume:
+        raise SlimtuneError(f"resume=true, but the run in '{out}' already finished: nothing to resume")
     if (out / WEIGHTS_NAME).exists() and not cfg.overwrite:
         raise SlimtuneError(
             f"output '{out}' already holds a finished run: choose another output=..., or pass overwrite=true to replace it"
@@ -70,7 +111,8 @@ def _prepare_output(cfg: Config) -> Path:
 def _clear_previous_run(out: Path) -> None:
     """Remove an older run's files; called only once every check has passed, so a bad config never
     costs a finished run."""
-    for name in (WEIGHTS_NAME, CONFIG_NAME, "eval.json", "loss.png", "metrics.jsonl", RUN_CONFIG):
+    for name in (WEIGHTS_NAME, CONFIG_NAME, "eval.json", "loss.png", "metrics.jsonl", RUN_CONFIG, EVAL_REPORT,
+                 EVAL_METRICS):
         (out / name).unlink(missing_ok=True)
 
 
@@ -89,6 +131,7 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     """
     console = console or Console(stderr=True)
     out = _prepare_output(cfg)
+    resume_from = _resume_point(cfg) if cfg.resume else None
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
@@ -118,13 +161,18 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     seed_everything(cfg.train.seed)
     attach_lora(model, cfg.lora.targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
     method = LoRAMethod("lora", model)
-    _clear_previous_run(out)
+    if resume_from is None:
+        _clear_previous_run(out)
+    else:
+        console.print(f"resuming from {escape(str(resume_from.path))} (step {resume_from.step})")
     trainable, total = method.parameter_counts()
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     (out / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
     summary = run_training(model, method, train_set, cfg.train, tokenizer.pad_token_id, out / "metrics.jsonl",
-                           console, device=device, precision=precision, packing=packing)
+                           console, device=device, precision=precision, packing=packing,
+                           checkpoint_dir=out / CHECKPOINTS, resume_from=resume_from,
+                           config_snapshot=cfg.to_yaml_dict())
 
     tuned_metrics: dict[str, float] = {}
     report: dict[str, Any] = {"model": cfg.model, "steps": summary.steps, "train_tokens_per_s": summary.tokens_per_s}
@@ -141,7 +189,13 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     plot_loss(summary.rows, out / "loss.png",
               {"base": base_metrics["loss"], "tuned": tuned_metrics["loss"]} if tuned_metrics else None)
     # The adapter is written last: its presence marks a finished run.
-    save_lora_adapter(model, out, base_model=resolved, dropout=cfg.lora.dropout)
+    try:
+        save_lora_adapter(model, out, base_model=resolved, dropout=cfg.lora.dropout)
+    except OSError as exc:
+        raise OutputWriteError(
+            f"could not write the adapter to '{out}' ({exc.strerror or exc}); free disk space or fix permissions, "
+            f"then rerun with resume=true: the final checkpoint in {out / CHECKPOINTS} holds the trained weights"
+        ) from None
     console.print(f"wrote {escape(str(out))}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, metrics.jsonl, loss.png, eval.json)")
     return TrainResult(out, summary.steps, summary.examples, summary.tokens, summary.seconds, precision, packing,
                        base_metrics, tuned_metrics)
@@ -185,18 +239,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
     if dtype is not None:
         model.to(dtype)
     model.config.use_cache = True
-    # Write beside the target and rename, so an interrupted merge never leaves a half-written model.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # Written beside the target and renamed: an interrupted merge never leaves a half-written model.
+    with staged_directory(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -209,4 +255,69 @@ def generate(model, tokenizer, prompt: str | list[Message], max_new_tokens: int 
     return generate_replies(model, tokenizer, [messages], max_new_tokens, 1, temperature, top_p)[0]
 
 
-__all__ = ["TrainResult", "finetune", "generate", "load_run", "merge_run", "run_config"]
+def evaluate_run(run_dir: str | Path, data: str | Path | None = None, generations: int | None = None,
+                 max_new_tokens: int | None = None, batch_size: int | None = None,
+                 console: Console | None = None) -> dict[str, Any]:
+    """Evaluate a run's base model (adapter disabled) and tuned model (base + adapter) on `data`.
+
+    Both get the response-token loss and perplexity on every example, and greedy replies on the first
+    `generations` examples scored by exact match, mean ROUGE-L F1 and corpus BLEU. `data` defaults to the
+    run's `data.eval`; the other settings default to the run's `eval` section. Writes `eval_report.md`
+    (metrics table, then each example with both replies) and `eval_metrics.json` into `run_dir`, and
+    returns what the JSON holds. The models run in fp32, so figures do not depend on the hardware's
+    bf16 path.
+    """
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AdapterError(f"run directory '{run_dir}' does not exist: pass the `output` directory of a training run")
+    cfg = run_config(run_dir)
+    if data is None:
+        if cfg is None or cfg.data.eval is None:
+            missing = f"its {RUN_CONFIG} sets no data.eval" if cfg else f"it has no {RUN_CONFIG}"
+            raise SlimtuneError(f"no evaluation data for '{run_dir}': {missing}; pass --data FILE (JSON or JSONL)")
+        data, source = cfg.data.eval, f"data.eval in {run_dir / RUN_CONFIG}"
+    else:
+        source = "--data"
+    data = Path(data)
+    if not data.is_file():
+        raise DataError(f"data file '{data}' ({source}) does not exist: pass an existing JSON or JSONL file with --data")
+    settings = cfg.eval if cfg else EvalSettings()
+    generations = settings.generations if generations is None else generations
+    max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+    batch_size = settings.batch_size if batch_size is None else batch_size
+    for name, value, least in (("generations", generations, 0), ("max_new_tokens", max_new_tokens, 1),
+                               ("batch_size", batch_size, 1)):
+        if value < least:
+            raise SlimtuneError(f"{name} must be at least {least}, got {value}")
+
+    model, tokenizer = load_run(run_dir)
+    model.to(resolve_device("auto"))
+    dataset = load_dataset(data, tokenizer, cfg.data.format if cfg else "auto", cfg.data.max_length if cfg else 1024)
+    shown = min(generations, len(dataset))
+    console.print(f"evaluating {escape(str(run_dir))} on {escape(str(data))}: {len(dataset)} examples, "
+                  f"{shown} generations of up to {max_new_tokens} tokens")
+    console.print("evaluating the base model (adapter disabled) ...")
+    with adapters_disabled(model):
+        base, base_replies = evaluate_model(model, tokenizer, dataset, shown, max_new_tokens, batch_size)
+    console.print("evaluating the tuned model ...")
+    tuned, tuned_replies = evaluate_model(model, tokenizer, dataset, shown, max_new_tokens, batch_size)
+
+    outputs = [
+        {"prompt": conversation[:-1], "reference": conversation[-1]["content"], "base": b, "tuned": t}
+        for conversation, b, t in zip(dataset.conversations, base_replies, tuned_replies)
+    ]
+    result: dict[str, Any] = {
+        "run": str(run_dir), "data": str(data), "examples": len(dataset), "generations": shown,
+        "max_new_tokens": max_new_tokens, "base": base, "tuned": tuned, "outputs": outputs,
+    }
+    summary = (f"Data: `{data}`, {len(dataset)} examples ({base['tokens']:,} response tokens). Loss and perplexity "
+               f"over all examples; exact match, ROUGE-L and BLEU on greedy replies to the first {shown} "
+               f"(at most {max_new_tokens} new tokens).")
+    report = format_eval_report(f"Evaluation of `{run_dir}`", summary, base, tuned, outputs)
+    (run_dir / EVAL_REPORT).write_text(report, encoding="utf-8")
+    (run_dir / EVAL_METRICS).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+__all__ = ["TrainResult", "evaluate_run", "finetune", "generate", "load_run", "merge_run", "run_config"]

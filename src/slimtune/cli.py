@@ -28,11 +28,23 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="KEY=VALUE overrides that win over the file, e.g. train.lr=1e-4 lora.r=8.")] = None,
 ) -> None:
-    """Fine-tune a model: data -> adapter files, metrics.jsonl, loss.png, eval.json in `output`."""
+    """Fine-tune a model: data -> adapter files, metrics.jsonl, loss.png, eval.json in `output`.
+
+    SIGTERM or Ctrl-C finishes the current step, saves a checkpoint and exits 0; `resume=true`
+    continues from the newest complete checkpoint.
+    """
     from slimtune.api import finetune
     from slimtune.config import load_config
+    from slimtune.train.loop import TrainingInterrupted
 
-    finetune(load_config(config, overrides or []), console)
+    try:
+        finetune(load_config(config, overrides or []), console)
+    except TrainingInterrupted as stopped:
+        # A requested stop is not an error: the checkpoint is complete and the run can continue.
+        args = " ".join([str(config), *(o for o in overrides or [] if not o.startswith("resume="))])
+        console.print(f"{escape(str(stopped))}\nresume with: slimtune train {escape(args)} resume=true",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(0) from None
 
 
 @app.command()
@@ -66,6 +78,30 @@ def generate(
     torch.manual_seed(seed)
     model, tokenizer = load_run(run_dir)
     print(generate_reply(model, tokenizer, prompt, max_new_tokens, temperature, top_p, system))
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A training run's output directory.")],
+    data: Annotated[Optional[Path], typer.Option(
+        help="JSON/JSONL examples to evaluate on [default: the run's data.eval].")] = None,
+    generations: Annotated[Optional[int], typer.Option(
+        min=0, help="Greedy replies scored by exact match, ROUGE-L and BLEU [default: the run's eval.generations].")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="Token limit of each reply [default: the run's eval.max_new_tokens].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Examples per batch [default: the run's eval.batch_size].")] = None,
+) -> None:
+    """Base vs tuned on held-out data: loss, perplexity, exact match, ROUGE-L, BLEU.
+
+    Prints the metrics table and writes eval_report.md and eval_metrics.json into RUN_DIR.
+    """
+    from slimtune.api import EVAL_METRICS, EVAL_REPORT, evaluate_run
+    from slimtune.evaluate import format_metrics_table
+
+    result = evaluate_run(run_dir, data, generations, max_new_tokens, batch_size, console)
+    print(format_metrics_table(result["base"], result["tuned"]))
+    console.print(f"wrote {escape(str(run_dir / EVAL_REPORT))} and {EVAL_METRICS}", highlight=False, soft_wrap=True)
 
 
 @app.command()

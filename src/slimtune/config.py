@@ -69,6 +69,10 @@ class TrainSettings(_Section):
     fused_ops: bool = Field(True, description="Fused RMSNorm and SwiGLU (Llama-style models) for training.")
     loss_chunk: int = Field(1024, gt=0, description="Tokens per chunk of the LM head + cross-entropy.")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N optimizer steps.")
+    save_every: int | None = Field(100, gt=0, description="Checkpoint every N steps (and at the end); null = only at the end.")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep the newest N checkpoints.")
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop", description="Non-finite loss or gradients: stop with a diagnostic, or skip the step.")
 
 
 class EvalSettings(_Section):
@@ -86,6 +90,7 @@ class Config(_Section):
     method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
     output: Path = Field(Path("runs/run"), description="Run directory for adapter files, metrics and eval.")
     overwrite: bool = Field(False, description="Replace a finished run already in `output`.")
+    resume: bool = Field(False, description="Continue from the newest complete checkpoint in `output`.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)

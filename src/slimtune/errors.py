@@ -29,3 +29,7 @@ class TargetError(SlimtuneError):
 
 class AdapterError(SlimtuneError):
     """An adapter directory is missing, malformed or does not fit the base model."""
+
+
+class OutputWriteError(SlimtuneError):
+    """Writing run files failed (disk full, permissions); the newest complete checkpoint is kept."""

@@ -1,7 +1,12 @@
-"""Evaluation: response-token loss and perplexity, greedy generations and exact match.
+"""Evaluation: response-token loss and perplexity, greedy generations, and text metrics on them.
 
 Loss is the mean cross-entropy over assistant tokens only (the same tokens training learns), summed
 over the whole set and divided by their count; perplexity is exp(loss).
+
+Text metrics compare each generated reply with the reference reply:
+- exact match: the fraction of replies equal to their reference (surrounding whitespace stripped);
+- ROUGE-L (Lin, 2004): F1 of the longest common subsequence of whitespace tokens, averaged over replies;
+- BLEU (Papineni et al., 2002): corpus BLEU from sacrebleu (13a tokenizer, 0-100).
 """
 
 from __future__ import annotations
@@ -82,14 +87,103 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on whitespace tokens (case-sensitive): with L = LCS length, P = L / len(prediction),
+    R = L / len(reference), F1 = 2 P R / (P + R). 0.0 when either side is empty, as in `rouge-score`."""
+    pred, ref = prediction.split(), reference.split()
+    if not pred or not ref:
+        return 0.0
+    # One row of the LCS table at a time: previous[j] = LCS(pred tokens before `token`, ref[:j]).
+    previous = [0] * (len(ref) + 1)
+    for token in pred:
+        current = [0]
+        for j, ref_token in enumerate(ref):
+            current.append(previous[j] + 1 if token == ref_token else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (0-100) of predictions against one reference each, computed by sacrebleu.
+
+    Effective order: n-gram orders that the whole corpus has none of are left out of the geometric mean,
+    so a set of short replies (fewer than 4 tokens) that match exactly scores 100, not 0. On corpora
+    with 4-grams this is sacrebleu's standard corpus BLEU.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"bleu needs one reference per prediction, got {len(predictions)} and {len(references)}")
+    if not references:
+        return 0.0
+    from sacrebleu.metrics import BLEU
+
+    return float(BLEU(effective_order=True).corpus_score(list(predictions), [list(references)]).score)
+
+
 def evaluate_model(model: nn.Module, tokenizer, dataset: Dataset, generations: int, max_new_tokens: int,
                    batch_size: int, precision: str = "fp32") -> tuple[dict[str, float], list[str]]:
-    """Loss/perplexity on the whole set, plus greedy replies and exact match on the first `generations`."""
+    """Loss/perplexity on the whole set, plus greedy replies with exact match, ROUGE-L and BLEU on the
+    first `generations` examples."""
     metrics = evaluate_loss(model, dataset, tokenizer.pad_token_id, batch_size, precision)
     replies: list[str] = []
     if generations > 0:
         conversations = dataset.conversations[:generations]
         replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], max_new_tokens, batch_size,
                                    precision=precision)
-        metrics["exact_match"] = exact_match(replies, [c[-1]["content"] for c in conversations])
+        references = [c[-1]["content"] for c in conversations]
+        metrics["exact_match"] = exact_match(replies, references)
+        metrics["rouge_l"] = sum(map(rouge_l, replies, references)) / len(references)
+        metrics["bleu"] = bleu(replies, references)
     return metrics, replies
+
+
+# (key, label, format) of each metric row in the tables; rows a report lacks are left out.
+METRIC_ROWS = [
+    ("loss", "response-token loss", ".4f"),
+    ("perplexity", "perplexity", ".3f"),
+    ("exact_match", "exact match", ".3f"),
+    ("rouge_l", "ROUGE-L F1 (mean)", ".3f"),
+    ("bleu", "BLEU (0-100)", ".2f"),
+]
+
+
+def format_metrics_table(base: dict[str, float], tuned: dict[str, float]) -> str:
+    """A Markdown table of base vs tuned metrics (readable as plain text too)."""
+    lines = ["| metric | base | tuned |", "|---|---:|---:|"]
+    for key, label, spec in METRIC_ROWS:
+        if key in base and key in tuned:
+            lines.append(f"| {label} | {base[key]:{spec}} | {tuned[key]:{spec}} |")
+    return "\n".join(lines)
+
+
+def _fenced(text: str) -> str:
+    """`text` verbatim in a Markdown code block whose fence is longer than any backtick run inside it."""
+    if not text:
+        return "*(empty)*"
+    longest, run = 0, 0
+    for char in text:
+        run = run + 1 if char == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def format_eval_report(title: str, summary: str, base: dict[str, float], tuned: dict[str, float],
+                       outputs: Sequence[dict]) -> str:
+    """The Markdown evaluation report: the metrics table, then each example's prompt messages,
+    reference, base output and tuned output. `outputs` rows hold 'prompt' (messages), 'reference',
+    'base' and 'tuned'."""
+    parts = [f"# {title}", summary, "## Metrics", format_metrics_table(base, tuned)]
+    if outputs:
+        parts.append("## Generations")
+    for number, row in enumerate(outputs, 1):
+        parts.append(f"### Example {number}")
+        for message in row["prompt"]:
+            parts.append(f"**Prompt ({message['role']})**\n\n{_fenced(message['content'])}")
+        parts.append(f"**Reference**\n\n{_fenced(row['reference'])}")
+        parts.append(f"**Base output**\n\n{_fenced(row['base'])}")
+        parts.append(f"**Tuned output**\n\n{_fenced(row['tuned'])}")
+    return "\n\n".join(parts) + "\n"

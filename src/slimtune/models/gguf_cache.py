@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from slimtune.atomic import staged_directory
 from slimtune.errors import ModelLoadError
 
 _DONE_MARKER = ".slimtune-converted"
@@ -71,18 +70,10 @@ def convert_gguf(gguf_path: str | Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:  # replaces a stale, unmarked directory of an older run
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / _DONE_MARKER).write_text(str(gguf_path) + "\n", encoding="utf-8")
-        if target.exists():  # a stale, unmarked directory from an older interrupted run
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -103,15 +94,8 @@ def bf16_variant(model_dir: str | Path) -> Path | None:
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / _DONE_MARKER).write_text(f"bf16 copy of {source}\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

@@ -23,10 +23,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from slimtune.config import TrainSettings
 from slimtune.data import Dataset, Encoded, pad_batch
 from slimtune.methods.base import AttachedMethod
+from slimtune.errors import OutputWriteError, SlimtuneError
+from slimtune.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
 from slimtune.train.loss import response_loss_sum
 from slimtune.train.metrics import MetricsLog
 from slimtune.train.packing import pack_examples
 from slimtune.train.precision import autocast
+from slimtune.train.signals import stop_requests
 from slimtune.train.schedule import lr_multiplier, warmup_steps
 
 
@@ -91,6 +94,30 @@ def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
+class TrainingInterrupted(SlimtuneError):
+    """Training stopped on a signal after saving a checkpoint; resuming continues from it."""
+
+    def __init__(self, step: int, signal_name: str, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name}: stopped after step {step}, checkpoint saved to {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class NonFiniteLossError(SlimtuneError):
+    """The loss or the gradients stopped being finite and `train.on_nan` is 'stop'."""
+
+
+def _non_finite_report(step: int, micro: list, loss_finite: bool, named: dict[str, torch.nn.Parameter]) -> str:
+    bad = [name for name, p in named.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    sources = [example.source for chunk, _ in micro for example in chunk]
+    what = "the loss" if not loss_finite else "the gradients"
+    return (
+        f"step {step}: {what} became non-finite (NaN/inf). Batch examples: {', '.join(sources[:8])}"
+        + (" ..." if len(sources) > 8 else "")
+        + (f". Parameters with non-finite gradients ({len(bad)}): {', '.join(bad[:5])}" if bad else "")
+        + ". Try a lower train.lr, train.precision=fp32, or train.on_nan=skip to skip such steps."
+    )
+
+
 def run_training(
     model: torch.nn.Module,
     method: AttachedMethod,
@@ -102,12 +129,18 @@ def run_training(
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
     packing: bool = False,
+    checkpoint_dir: Path | None = None,
+    resume_from: Checkpoint | None = None,
+    config_snapshot: dict | None = None,
 ) -> TrainSummary:
     """Train `method`'s parameters on `dataset`; logs to `metrics_path` (JSONL) and a progress bar.
 
     `packing` needs the model switched to packed attention (`use_packed_attention`) beforehand.
+    With `checkpoint_dir`, checkpoints are written every `settings.save_every` steps, at the end, and
+    when SIGTERM/SIGINT arrives (then `TrainingInterrupted` is raised). `resume_from` restores one.
     """
     console = console or Console(stderr=True)
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = method.trainable_parameters()
     if not params:
         raise RuntimeError("the method exposes no trainable parameters")
@@ -117,14 +150,36 @@ def run_training(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, steps, warmup, settings.schedule)
     )
+    batches = micro_batches(dataset, settings.batch_size, settings.seed, settings.group_by_length and not packing)
+    first_step, tokens_seen, examples_seen, skipped, previous_elapsed = 1, 0, 0, 0, 0.0
+    if resume_from is not None:
+        progress_state = restore_checkpoint(resume_from, named, optimizer, scheduler)
+        first_step = resume_from.step + 1
+        tokens_seen, examples_seen = progress_state["tokens"], progress_state["examples"]
+        skipped, previous_elapsed = progress_state["skipped"], progress_state["elapsed_s"]
+        for _ in range(progress_state["micro_batches"]):  # the order is a function of the seed alone
+            next(batches)
+    log = MetricsLog(metrics_path, keep_until=first_step - 1 if resume_from is not None else None)
     if settings.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    log = MetricsLog(metrics_path)
-    batches = micro_batches(dataset, settings.batch_size, settings.seed, settings.group_by_length and not packing)
-    tokens_seen = examples_seen = 0
     loss_value = float("nan")
     started = time.perf_counter()
+
+    def checkpoint(step: int) -> Path | None:
+        if checkpoint_dir is None:
+            return None
+        progress_state = {"tokens": tokens_seen, "examples": examples_seen, "skipped": skipped,
+                          "micro_batches": step * settings.grad_accum,
+                          "elapsed_s": previous_elapsed + time.perf_counter() - started}
+        try:
+            return save_checkpoint(checkpoint_dir, step, named, optimizer, scheduler, progress_state,
+                                   config_snapshot or {}, settings.keep_checkpoints)
+        except OSError as exc:
+            raise OutputWriteError(
+                f"could not write a checkpoint to {checkpoint_dir} at step {step} ({exc.strerror or exc}); "
+                "free disk space or fix permissions, then rerun with resume=true (the previous checkpoint is intact)"
+            ) from None
 
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -132,9 +187,9 @@ def run_training(
         TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         console=console, transient=False,
     )
-    with progress:
-        task = progress.add_task("train", total=steps, loss="-", lr="-", tps="-")
-        for step in range(1, steps + 1):
+    with progress, stop_requests() as stop:
+        task = progress.add_task("train", total=steps, completed=first_step - 1, loss="-", lr="-", tps="-")
+        for step in range(first_step, steps + 1):
             micro = [next(batches) for _ in range(settings.grad_accum)]
             prepared = [make_batch(chunk, packing, pad_token_id, device) for chunk, _ in micro]
             label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in prepared)
@@ -148,7 +203,7 @@ def run_training(
                 extra = method.extra_loss()
                 if extra is not None:
                     extra = extra / settings.grad_accum
-                    extra_total += float(extra)
+                    extra_total += float(extra.detach())
                     loss = loss + extra
                 loss.backward()
                 step_loss += float(loss_sum.detach()) / max(label_tokens, 1)
@@ -158,25 +213,43 @@ def run_training(
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
             else:
                 grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-            optimizer.step()
+            # isfinite, not a threshold: a NaN compares false with everything and would slip through.
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            elif settings.on_nan == "stop":
+                raise NonFiniteLossError(_non_finite_report(step, micro, math.isfinite(step_loss), named))
+            else:
+                skipped += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            hook_metrics = method.on_step_end(step, steps)
-            loss_value = step_loss
-            elapsed = time.perf_counter() - started
+            hook_metrics = method.on_step_end(step, steps) if finite else {}
+            if finite:
+                loss_value = step_loss
+            elapsed = previous_elapsed + time.perf_counter() - started
             tps = tokens_seen / elapsed if elapsed > 0 else 0.0
-            if step % settings.log_every == 0 or step == steps:
+            if step % settings.log_every == 0 or step == steps or not finite:
                 row = {
                     "step": step, "epoch": round(micro[-1][1], 4), "loss": round(step_loss, 6), "lr": lr,
                     "grad_norm": round(grad_norm, 6), "tokens": tokens_seen, "tokens_per_s": round(tps, 2),
                     "elapsed_s": round(elapsed, 3),
                 }
+                if not finite:
+                    row["skipped"] = True
                 if extra_total:
                     row["extra_loss"] = round(extra_total, 6)
                 row.update(hook_metrics)
                 log.write(row)
             progress.update(task, advance=1, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+            if stop.requested:
+                saved = checkpoint(step)
+                raise TrainingInterrupted(step, stop.signal_name or "signal", saved or Path("(no checkpoint dir)"))
+            if step == steps or (settings.save_every and step % settings.save_every == 0):
+                checkpoint(step)
     if settings.grad_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
-    return TrainSummary(steps, examples_seen, tokens_seen, time.perf_counter() - started, loss_value, log.rows)
+    if skipped:
+        console.print(f"note: skipped {skipped} step(s) with non-finite loss or gradients (train.on_nan=skip)")
+    seconds = previous_elapsed + time.perf_counter() - started
+    return TrainSummary(steps, examples_seen, tokens_seen, seconds, loss_value, log.rows)

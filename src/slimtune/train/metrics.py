@@ -10,11 +10,20 @@ from typing import Any
 class MetricsLog:
     """Appends rows to `metrics.jsonl` as they come, so a crash keeps what was logged."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_until: int | None = None) -> None:
+        """Start a fresh log, or with `keep_until` (resuming) keep the rows up to that step."""
         self.path = path
         self.rows: list[dict[str, Any]] = []
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("", encoding="utf-8")
+        if keep_until is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if row.get("step", 0) <= keep_until:
+                    self.rows.append(row)
+        path.write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
