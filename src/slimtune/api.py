@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from slimtune.adapters import CONFIG_NAME, WEIGHTS_NAME, load_lora_adapter, read
 from slimtune.config import Config, EvalSettings, build_config
 from slimtune.data import Message, load_dataset
 from slimtune.errors import AdapterError, DataError, OutputWriteError, SlimtuneError
-from slimtune.evaluate import evaluate_model, format_eval_report, generate_replies
+from slimtune.evaluate import evaluate_model, format_eval_report, format_metrics_table, generate_replies
 from slimtune.methods.lora import LoRAMethod, adapters_disabled, attach_lora, merge_and_unload
 from slimtune.models import load_model
 from slimtune.train.checkpoint import Checkpoint, latest_checkpoint
@@ -114,13 +115,13 @@ def _clear_previous_run(out: Path) -> None:
     for name in (WEIGHTS_NAME, CONFIG_NAME, "eval.json", "loss.png", "metrics.jsonl", RUN_CONFIG, EVAL_REPORT,
                  EVAL_METRICS):
         (out / name).unlink(missing_ok=True)
+    # Checkpoints of the old run would be pruned in step order against the new run's, or resumed from.
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 def _print_eval(console: Console, base: dict[str, float], tuned: dict[str, float]) -> None:
-    console.print("[bold]evaluation on data.eval[/bold]       base      tuned")
-    for key in ("loss", "perplexity", "exact_match"):
-        if key in base and key in tuned:
-            console.print(f"  {key:<26}{base[key]:>9.4f}  {tuned[key]:>9.4f}")
+    console.print("[bold]evaluation on data.eval[/bold]")
+    console.print(escape(format_metrics_table(base, tuned)), highlight=False)
 
 
 def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
