@@ -54,6 +54,10 @@ class TrainSettings(_Section):
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay on adapter matrices.")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw: fp32 moments; adamw8bit: moments in 8-bit blocks (~2 bytes/param instead of 8).")
+    offload_optimizer: bool = Field(False, description="adamw8bit only: keep the moments in CPU memory and "
+                                    "stream them to the device per parameter.")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps with linear warmup.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = off.")

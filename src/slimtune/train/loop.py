@@ -27,6 +27,7 @@ from slimtune.errors import OutputWriteError, SlimtuneError
 from slimtune.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
 from slimtune.train.loss import response_loss_sum
 from slimtune.train.metrics import MetricsLog
+from slimtune.train.optim8bit import build_optimizer
 from slimtune.train.packing import pack_examples
 from slimtune.train.precision import autocast
 from slimtune.train.signals import stop_requests
@@ -146,7 +147,8 @@ def run_training(
         raise RuntimeError("the method exposes no trainable parameters")
     steps = total_steps(len(dataset), settings)
     warmup = warmup_steps(steps, settings.warmup_ratio)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
+    optimizer = build_optimizer(params, settings.optimizer, settings.lr, settings.weight_decay,
+                                settings.offload_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, steps, warmup, settings.schedule)
     )
