@@ -185,3 +185,24 @@ def test_loader_names_what_is_wrong():
     tensors = {"layer.weight": packed[:-1], **{f"layer.weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
     with pytest.raises(ModelLoadError, match="holds 255 bytes, expected 256"):
         load_bnb_4bit_state(tensors, "layer")
+
+
+def test_dequantize_model_restores_plain_linears_with_bnb_weights():
+    """dequantize_model is the inverse view of quantize_model: nn.Linear layers whose weights are the
+    bitsandbytes-dequantized NF4 weights (bnb is the oracle)."""
+    from conftest import make_tiny_model
+    from test_nf4 import bnb_dequantize, bnb_quantize  # flattened: works around bnb's AVX-512 row bug
+    from slimtune.quant import Linear4bit, dequantize_model, quantize_model
+
+    model = make_tiny_model(300)
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    quantize_model(model)
+    replaced = dequantize_model(model)
+    assert sorted(replaced) == sorted(originals), "every quantized layer comes back"
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    for name, weight in originals.items():
+        packed, state = bnb_quantize(weight, 64, True)
+        expected = bnb_dequantize(packed, state, torch.float32).view(weight.shape)
+        got = model.get_submodule(name).weight
+        assert torch.equal(got, expected), f"{name}: dequantized weight differs from bitsandbytes'"

@@ -155,6 +155,26 @@ def quantize_model(
     return chosen
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every `Linear4bit` of `model` (LoRA base layers included) by an `nn.Linear` holding its
+    dequantized weight in `dtype`, in place; returns the replaced paths. This is the explicit step
+    before merging a QLoRA adapter: W' = dequantize(W_nf4) + s B A."""
+    paths = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        quantized = getattr(parent, child)
+        linear = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
+                           device=quantized.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(quantized.dequantized_weight(torch.float32).to(dtype))
+            if quantized.bias is not None:
+                linear.bias.copy_(quantized.bias.to(dtype))
+        linear.requires_grad_(False)
+        setattr(parent, child, linear)
+    return paths
+
+
 def load_bnb_4bit_state(
     tensors: Mapping[str, torch.Tensor], prefix: str, compute_dtype: torch.dtype = torch.bfloat16
 ) -> Linear4bit:
