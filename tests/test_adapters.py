@@ -120,6 +120,79 @@ def test_layer_subset_adapter_round_trips(tiny_model, tmp_path, fresh_tiny, inpu
     assert diff <= 1e-6, f"a reloaded adapter must give the same logits; max abs diff {diff}"
 
 
+# --- rsLoRA, DoRA and per-module rank / alpha, both ways ----------------------------------------------
+
+VARIANTS = {
+    # name: (slimtune attach_lora kwargs, PEFT LoraConfig kwargs)
+    "rslora": ({"rslora": True}, {"use_rslora": True}),
+    "dora": ({"use_dora": True}, {"use_dora": True}),
+    "dora+rslora": ({"use_dora": True, "rslora": True}, {"use_dora": True, "use_rslora": True}),
+    "patterns": ({"rank_pattern": {"v_proj": 2}, "alpha_pattern": {r"layers\.0\.self_attn\.q_proj": 3.0}},
+                 {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {r"layers\.0\.self_attn\.q_proj": 3.0}}),
+}
+
+
+def randomize_all(model, seed: int = 3, std: float = 0.2) -> None:
+    """Random A, B and (DoRA) magnitude, so every tensor of the file shows in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=gen) * std)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * std)
+            if hasattr(layer, "lora_magnitude_vector"):
+                m = layer.lora_magnitude_vector
+                m.mul_(1 + 1.5 * std * torch.randn(m.shape, generator=gen))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_adapter_loads_in_peft(variant, tiny_model, fresh_tiny, tmp_path, input_ids):
+    ours_kwargs, peft_kwargs = VARIANTS[variant]
+    attach_lora(tiny_model, ["q_proj", "v_proj", "down_proj"], r=R, alpha=ALPHA, **ours_kwargs)
+    randomize_all(tiny_model)
+    save_lora_adapter(tiny_model, tmp_path, base_model="tiny-llama")
+    ours = logits(tiny_model, input_ids)
+    assert (ours - logits(fresh_tiny(), input_ids)).abs().max().item() > 1e-3, "the adapter must change the logits"
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for key, value in peft_kwargs.items():
+        if key in ("use_dora", "use_rslora"):
+            assert config[key] is value, f"adapter_config.json must say {key}={value}, got {config[key]!r}"
+    if "use_dora" in peft_kwargs:
+        with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+            mags = [k for k in f.keys() if k.endswith(".lora_magnitude_vector")]
+        assert len(mags) == 6, f"one PEFT-named lora_magnitude_vector per adapted layer, got {mags}"
+    peft_model = PeftModel.from_pretrained(fresh_tiny(), str(tmp_path)).eval()
+    diff = (logits(peft_model, input_ids) - ours).abs().max().item()
+    assert diff <= 1e-5, f"{variant}: PEFT with slimtune's adapter must give slimtune's logits; max abs diff {diff}"
+
+    reloaded = fresh_tiny()
+    load_lora_adapter(reloaded, tmp_path)
+    diff = (logits(reloaded, input_ids) - ours).abs().max().item()
+    assert diff <= 1e-6, f"{variant}: slimtune must reload its own adapter exactly; max abs diff {diff}"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_peft_adapter_loads_in_slimtune(variant, fresh_tiny, tmp_path, input_ids):
+    _, peft_kwargs = VARIANTS[variant]
+    torch.manual_seed(6)
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj", "up_proj"],
+                        init_lora_weights=False, **peft_kwargs)
+    peft_model = get_peft_model(fresh_tiny(), config).eval()
+    if config.use_dora:  # PEFT initialises m = ||W + s B A||: scale it so a wrong norm convention shows
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(torch.linspace(0.7, 1.3, param.numel()))
+    theirs = logits(peft_model, input_ids)
+    peft_model.save_pretrained(str(tmp_path))
+
+    model = fresh_tiny()
+    load_lora_adapter(model, tmp_path)
+    assert set(lora_layers(model)) == peft_lora_paths(peft_model), "slimtune must adapt the modules PEFT adapted"
+    diff = (logits(model, input_ids) - theirs).abs().max().item()
+    assert diff <= 1e-5, f"{variant}: slimtune with PEFT's adapter must give PEFT's logits; max abs diff {diff}"
+
+
 # --- PEFT -> slimtune -------------------------------------------------------------------------------
 
 
@@ -189,8 +262,8 @@ def test_refuses_config_without_r(saved_adapter):
 
 
 def test_refuses_unsupported_options(saved_adapter):
-    edit_config(saved_adapter, use_dora=True)
-    with pytest.raises(AdapterError, match="not supported yet.*use_dora"):
+    edit_config(saved_adapter, fan_in_fan_out=True)
+    with pytest.raises(AdapterError, match="not supported yet.*fan_in_fan_out"):
         read_adapter_config(saved_adapter)
 
 
@@ -321,3 +394,32 @@ def test_bundled_peft_adapter_in_slimtune(bundled, bundled_model_dir, tmp_path):
     assert len(lora_layers(model)) == 60, "slimtune must adapt q_proj and v_proj in all 30 layers"
     diff = (logits(model, ids) - theirs).abs().max().item()
     assert diff <= 1e-4, f"slimtune with PEFT's adapter on the real model must give PEFT's logits; max abs diff {diff}"
+
+
+@pytest.mark.integration
+def test_bundled_dora_adapter_both_ways(bundled, bundled_model_dir, tmp_path):
+    model, ids = bundled
+    attach_lora(model, ["q_proj", "v_proj"], r=8, alpha=16, use_dora=True, rslora=True)
+    base_logits = logits(model, ids)
+    randomize_all(model, seed=13, std=0.05)
+    save_lora_adapter(model, tmp_path / "ours", base_model=str(bundled_model_dir))
+    ours = logits(model, ids)
+    assert (ours - base_logits).abs().max().item() > 1e-2, "the random adapter must change the logits, else the test is void"
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(bundled_model_dir)), str(tmp_path / "ours")).eval()
+    diff = (logits(peft_model, ids) - ours).abs().max().item()
+    assert diff <= 1e-4, f"PEFT with slimtune's DoRA adapter on the real model must match; max abs diff {diff}"
+
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1.1)
+    theirs = logits(peft_model, ids)
+    assert (theirs - ours).abs().max().item() > 1e-2, "scaling m must change PEFT's logits, else the test is void"
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    from slimtune.models import load_model
+
+    fresh, _, _ = load_model(str(bundled_model_dir))
+    load_lora_adapter(fresh.eval(), tmp_path / "theirs")
+    diff = (logits(fresh, ids) - theirs).abs().max().item()
+    assert diff <= 1e-4, f"slimtune with PEFT's DoRA adapter on the real model must match; max abs diff {diff}"

@@ -160,3 +160,36 @@ def test_build_config_accepts_its_own_yaml_dict(tmp_path):
     again = build_config(cfg.to_yaml_dict())
     assert again == cfg, "the resolved config written to a run directory must load back unchanged"
     assert cfg.to_yaml_dict()["data"]["train"] == "t.jsonl", "paths are written as plain strings"
+
+
+def test_method_keys_for_dora_freeze_and_patterns():
+    cfg = build_config({"data": {"train": "t.jsonl"}, "method": "dora",
+                        "lora": {"rslora": True, "rank_pattern": {"v_proj": 8}, "alpha_pattern": {"q_proj": 4}}})
+    assert cfg.uses_dora and cfg.lora.rslora, "method: dora must imply DoRA; lora.rslora must be read"
+    assert cfg.lora.rank_pattern == {"v_proj": 8} and cfg.lora.alpha_pattern == {"q_proj": 4.0}, "patterns must be kept"
+    assert build_config({"data": {"train": "t.jsonl"}, "lora": {"use_dora": True}}).uses_dora, "lora.use_dora must imply DoRA"
+    freeze = build_config({"data": {"train": "t.jsonl"}, "method": "freeze",
+                           "freeze": {"layers": "0-3, 10", "patterns": ["mlp"], "train_lm_head": True}})
+    assert freeze.freeze.layers == "0-3, 10" and freeze.freeze.train_lm_head, "freeze keys must be read"
+
+
+def test_freeze_without_selection_and_bad_method_keys_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        build_config({"data": {"train": "t.jsonl"}, "method": "freeze", "freeze": {"layers": "a-b"},
+                      "lora": {"rank_pattern": {"(": 2}}})
+    message = str(info.value)
+    assert "freeze.layers: must list layer indices and ranges like '0-3,10'" in message, message
+    assert "lora.rank_pattern: key '(' is not a valid regex" in message, message
+    with pytest.raises(ConfigError, match="method: freeze needs a selection: set freeze.last_layers"):
+        build_config({"data": {"train": "t.jsonl"}, "method": "freeze"})
+    with pytest.raises(ConfigError, match="method"):
+        build_config({"data": {"train": "t.jsonl"}, "method": "adalora"})
+
+
+@pytest.mark.parametrize("name, method", [("extract.yaml", "lora"), ("extract_dora.yaml", "dora"),
+                                          ("extract_freeze.yaml", "freeze"), ("extract_full.yaml", "full")])
+def test_example_configs_load_with_their_method(name, method):
+    path = Path(__file__).resolve().parent.parent / "examples" / name
+    cfg = load_config(path)
+    assert cfg.method == method, f"{name} must use method {method}, got {cfg.method}"
+    assert cfg.train.max_steps is not None and cfg.train.max_steps <= 40, f"{name}: keep the demo short"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,11 @@ from slimtune.config import Config, EvalSettings, build_config
 from slimtune.data import Message, load_dataset
 from slimtune.errors import AdapterError, DataError, OutputWriteError, SlimtuneError
 from slimtune.evaluate import evaluate_model, format_eval_report, format_metrics_table, generate_replies
-from slimtune.methods.lora import LoRAMethod, adapters_disabled, attach_lora, merge_and_unload
+from slimtune.methods.freeze import (
+    FREEZE_CONFIG, FREEZE_WEIGHTS, FreezeMethod, FullMethod, attach_freeze, attach_full, embeddings_tied, load_freeze,
+    read_freeze_config, save_freeze,
+)
+from slimtune.methods.lora import LoRAMethod, adapters_disabled, attach_lora, lora_layers, merge_and_unload
 from slimtune.models import load_model
 from slimtune.train.checkpoint import Checkpoint, latest_checkpoint
 from slimtune.train.loop import run_training, seed_everything
@@ -52,6 +57,16 @@ class TrainResult:
 
 
 CHECKPOINTS = "checkpoints"
+# A full fine-tuning run is a plain HF model directory; these files are what it adds.
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+FULL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+# Any of these in `output` marks a finished run (each is written last by its method).
+FINISHED_MARKERS = (WEIGHTS_NAME, FREEZE_WEIGHTS, *FULL_WEIGHTS)
+
+
+def _finished(out: Path) -> bool:
+    return any((out / name).exists() for name in FINISHED_MARKERS)
 # Config keys whose change makes a checkpoint meaningless to continue from.
 _RESUME_INSENSITIVE = {"resume", "overwrite", "output", "eval", "train.log_every", "train.save_every",
                        "train.keep_checkpoints", "train.on_nan", "train.device", "data.eval"}
@@ -91,9 +106,9 @@ def _resume_point(cfg: Config) -> Checkpoint:
 
 def _prepare_output(cfg: Config) -> Path:
     out = cfg.output
-    if (out / WEIGHTS_NAME).exists() and cfg.resume:
+    if _finished(out) and cfg.resume:
         raise SlimtuneError(f"resume=true, but the run in '{out}' already finished: nothing to resume")
-    if (out / WEIGHTS_NAME).exists() and not cfg.overwrite:
+    if _finished(out) and not cfg.overwrite:
         raise SlimtuneError(
             f"output '{out}' already holds a finished run: choose another output=..., or pass overwrite=true to replace it"
         )
@@ -112,8 +127,8 @@ def _prepare_output(cfg: Config) -> Path:
 def _clear_previous_run(out: Path) -> None:
     """Remove an older run's files; called only once every check has passed, so a bad config never
     costs a finished run."""
-    for name in (WEIGHTS_NAME, CONFIG_NAME, "eval.json", "loss.png", "metrics.jsonl", RUN_CONFIG, EVAL_REPORT,
-                 EVAL_METRICS):
+    for name in (WEIGHTS_NAME, CONFIG_NAME, FREEZE_WEIGHTS, FREEZE_CONFIG, *FULL_WEIGHTS, *FULL_FILES, "eval.json",
+                 "loss.png", "metrics.jsonl", RUN_CONFIG, EVAL_REPORT, EVAL_METRICS):
         (out / name).unlink(missing_ok=True)
     # Checkpoints of the old run would be pruned in step order against the new run's, or resumed from.
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
@@ -122,6 +137,47 @@ def _clear_previous_run(out: Path) -> None:
 def _print_eval(console: Console, base: dict[str, float], tuned: dict[str, float]) -> None:
     console.print("[bold]evaluation on data.eval[/bold]")
     console.print(escape(format_metrics_table(base, tuned)), highlight=False)
+
+
+def attach_method(model: torch.nn.Module, cfg: Config, console: Console) -> LoRAMethod | FreezeMethod | FullMethod:
+    """Attach `cfg.method` to `model` and return the handle the training loop uses."""
+    if cfg.method in ("lora", "dora"):
+        lora = cfg.lora
+        attach_lora(model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora,
+                    use_dora=cfg.uses_dora, rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern)
+        return LoRAMethod(cfg.method, model)
+    if cfg.method == "full":
+        attach_full(model)
+        return FullMethod("full", model)
+    settings = cfg.freeze
+    attach_freeze(model, last_layers=settings.last_layers, first_layers=settings.first_layers, layers=settings.layers,
+                  patterns=settings.patterns, train_embeddings=settings.train_embeddings,
+                  train_norms=settings.train_norms, train_lm_head=settings.train_lm_head)
+    if embeddings_tied(model) and settings.train_embeddings != settings.train_lm_head:
+        console.print("note: this model ties the LM head to the input embeddings, so training one trains both")
+    return FreezeMethod("freeze", model)
+
+
+def save_method(model: torch.nn.Module, tokenizer, cfg: Config, out: Path, base_model: str) -> str:
+    """Write the trained result into `out`, its weights file last; returns what was written, for the log."""
+    if cfg.method in ("lora", "dora"):
+        save_lora_adapter(model, out, base_model=base_model, dropout=cfg.lora.dropout)
+        return f"{WEIGHTS_NAME}, {CONFIG_NAME}"
+    if cfg.method == "freeze":
+        save_freeze(model, out, base_model=base_model)
+        return f"{FREEZE_WEIGHTS}, {FREEZE_CONFIG}"
+    # full: a plain HF model directory, staged beside `out` and moved in with the weights last.
+    with staged_directory(out / ".full-model") as staging:
+        model.config.use_cache = True
+        model.save_pretrained(staging, safe_serialization=True)
+        model.config.use_cache = False
+        tokenizer.save_pretrained(staging)
+    staged = out / ".full-model"
+    files = sorted(staged.iterdir(), key=lambda f: f.name.startswith("model"))
+    for file in files:
+        os.replace(file, out / file.name)
+    staged.rmdir()
+    return "a Hugging Face model directory (model.safetensors, config.json, tokenizer)"
 
 
 def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
@@ -160,8 +216,7 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
             model, tokenizer, eval_set, ev.generations, ev.max_new_tokens, ev.batch_size, precision)
 
     seed_everything(cfg.train.seed)
-    attach_lora(model, cfg.lora.targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
-    method = LoRAMethod("lora", model)
+    method = attach_method(model, cfg, console)
     if resume_from is None:
         _clear_previous_run(out)
     else:
@@ -191,13 +246,13 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
               {"base": base_metrics["loss"], "tuned": tuned_metrics["loss"]} if tuned_metrics else None)
     # The adapter is written last: its presence marks a finished run.
     try:
-        save_lora_adapter(model, out, base_model=resolved, dropout=cfg.lora.dropout)
+        written = save_method(model, tokenizer, cfg, out, resolved)
     except OSError as exc:
         raise OutputWriteError(
             f"could not write the adapter to '{out}' ({exc.strerror or exc}); free disk space or fix permissions, "
             f"then rerun with resume=true: the final checkpoint in {out / CHECKPOINTS} holds the trained weights"
         ) from None
-    console.print(f"wrote {escape(str(out))}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, metrics.jsonl, loss.png, eval.json)")
+    console.print(f"wrote {escape(str(out))}/ ({written}, metrics.jsonl, loss.png, eval.json)")
     return TrainResult(out, summary.steps, summary.examples, summary.tokens, summary.seconds, precision, packing,
                        base_metrics, tuned_metrics)
 
@@ -210,33 +265,71 @@ def run_config(run_dir: str | Path) -> Config | None:
     return build_config(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
 
 
-def load_run(run_dir: str | Path, model: str | None = None):
-    """(model, tokenizer) with the run's LoRA adapter attached, in eval mode.
+def run_kind(run_dir: str | Path) -> str:
+    """'adapter' (LoRA / DoRA, PEFT files), 'freeze' (trained tensors) or 'full' (a HF model directory)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_NAME).is_file():
+        return "adapter"
+    if (run_dir / FREEZE_CONFIG).is_file():
+        return "freeze"
+    if (run_dir / "config.json").is_file() and any((run_dir / name).is_file() for name in FULL_WEIGHTS):
+        return "full"
+    raise AdapterError(
+        f"'{run_dir}' holds no finished run: expected {CONFIG_NAME} (LoRA/DoRA), {FREEZE_CONFIG} (freeze) or "
+        f"config.json + model.safetensors (full); point to a finished run's output directory"
+    )
 
-    `run_dir` is a slimtune run or any PEFT LoRA adapter directory; the base model is `model` if given,
-    else the run's `model` key, else the adapter's `base_model_name_or_path`.
+
+def _base_model_name(run_dir: Path, model: str | None) -> str:
+    cfg = run_config(run_dir)
+    kind = run_kind(run_dir)
+    if kind == "adapter":
+        recorded = read_adapter_config(run_dir).get("base_model_name_or_path")
+    else:
+        recorded = read_freeze_config(run_dir).get("base_model") if kind == "freeze" else None
+    base_name = model or (cfg.model if cfg else None) or recorded
+    if not base_name:
+        raise AdapterError(f"'{run_dir}' does not name its base model: pass --model")
+    return base_name
+
+
+def load_run(run_dir: str | Path, model: str | None = None):
+    """(model, tokenizer) of a finished run, in eval mode.
+
+    `run_dir` is a slimtune run (LoRA/DoRA adapter, freeze tensors or a full model) or any PEFT LoRA adapter
+    directory. For adapters and freeze runs the base model is `model` if given, else the run's `model`
+    key, else the base model the run's files record.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AdapterError(f"run directory '{run_dir}' does not exist: pass the `output` directory of a training run")
-    adapter_config = read_adapter_config(run_dir)
-    cfg = run_config(run_dir)
-    base_name = model or (cfg.model if cfg else None) or adapter_config.get("base_model_name_or_path")
-    if not base_name:
-        raise AdapterError(f"'{run_dir}' does not name its base model: pass --model")
-    base, tokenizer, _ = load_model(base_name)
-    load_lora_adapter(base, run_dir)
+    kind = run_kind(run_dir)
+    if kind == "full":
+        base, tokenizer, _ = load_model(str(run_dir))
+        return base.eval(), tokenizer
+    if kind == "adapter":
+        read_adapter_config(run_dir)  # a bad config fails before the base model loads
+    base, tokenizer, _ = load_model(_base_model_name(run_dir, model))
+    if kind == "adapter":
+        load_lora_adapter(base, run_dir)
+    else:
+        load_freeze(base, run_dir)
     base.eval()
     return base, tokenizer
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Merge the run's adapter into its base (W' = W + s B A) and save a plain HF model directory."""
+    """Merge the run into its base and save a plain HF model directory: W' = W + s B A for LoRA,
+    m (W + s B A) / ||W + s B A|| for DoRA, base + trained tensors for freeze, a copy for full."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise SlimtuneError(f"merge output '{out}' is not empty: choose a new directory")
     model, tokenizer = load_run(run_dir)
-    merge_and_unload(model)
+    merge_and_unload(model)  # a no-op for freeze and full runs: their weights already hold the result
+    broken = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if broken:
+        raise AdapterError(f"cannot merge '{run_dir}': {len(broken)} tensors hold NaN or inf (e.g. {broken[:2]}); "
+                           "the run is broken")
     if dtype is not None:
         model.to(dtype)
     model.config.use_cache = True
@@ -298,9 +391,18 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, generation
     shown = min(generations, len(dataset))
     console.print(f"evaluating {escape(str(run_dir))} on {escape(str(data))}: {len(dataset)} examples, "
                   f"{shown} generations of up to {max_new_tokens} tokens")
-    console.print("evaluating the base model (adapter disabled) ...")
-    with adapters_disabled(model):
-        base, base_replies = evaluate_model(model, tokenizer, dataset, shown, max_new_tokens, batch_size)
+    if lora_layers(model):
+        console.print("evaluating the base model (adapter disabled) ...")
+        with adapters_disabled(model):
+            base, base_replies = evaluate_model(model, tokenizer, dataset, shown, max_new_tokens, batch_size)
+    else:  # freeze / full: the tuned weights replaced the base ones, so load the base separately
+        console.print("evaluating the base model ...")
+        if run_kind(run_dir) == "full" and cfg is None:
+            raise SlimtuneError(f"'{run_dir}' is a full model without {RUN_CONFIG}: nothing names its base model")
+        base_model, _, _ = load_model(_base_model_name(run_dir, None))
+        base_model.to(resolve_device("auto")).eval()
+        base, base_replies = evaluate_model(base_model, tokenizer, dataset, shown, max_new_tokens, batch_size)
+        del base_model
     console.print("evaluating the tuned model ...")
     tuned, tuned_replies = evaluate_model(model, tokenizer, dataset, shown, max_new_tokens, batch_size)
 
@@ -321,4 +423,4 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, generation
     return result
 
 
-__all__ = ["TrainResult", "evaluate_run", "finetune", "generate", "load_run", "merge_run", "run_config"]
+__all__ = ["TrainResult", "evaluate_run", "finetune", "generate", "load_run", "merge_run", "run_config", "run_kind"]

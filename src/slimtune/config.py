@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimtune.errors import ConfigError
 
@@ -32,6 +34,62 @@ class LoraSettings(_Section):
         "(a module matches if its path equals or ends with '.<name>'), or one regex matched against the "
         "full module path.",
     )
+    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
+    use_dora: bool = Field(False, description="DoRA: also learn a per-output magnitude m; W' = m (W + s B A) / "
+                           "||W + s B A||. Same as method: dora.")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Per-module rank: {regex: r}; a key matches a module path that ends "
+        "with it after a '.' (PEFT's rank_pattern), e.g. {v_proj: 8}.")
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alpha, matched like rank_pattern (PEFT's alpha_pattern).")
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns_valid(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, number in value.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"key '{key}' is not a valid regex ({exc})") from None
+            if number <= 0:
+                raise ValueError(f"value for '{key}' must be > 0, got {number}")
+        return value
+
+
+class FreezeSettings(_Section):
+    """Freeze tuning: which parameters train (the union of everything set); all others stay frozen."""
+
+    last_layers: int | None = Field(None, gt=0, description="Train the last N decoder layers.")
+    first_layers: int | None = Field(None, gt=0, description="Train the first N decoder layers.")
+    layers: str | None = Field(None, description="Decoder layers to train: indices and ranges, e.g. '0-3,10' "
+                               "(negative indices count from the end).")
+    patterns: list[str] = Field(default_factory=list, description="Regexes searched in parameter names, e.g. "
+                                "['mlp\\.down_proj'].")
+    train_embeddings: bool = Field(False, description="Train the input embeddings.")
+    train_norms: bool = Field(False, description="Train every norm layer (RMSNorm / LayerNorm).")
+    train_lm_head: bool = Field(False, description="Train the LM head (tied to the embeddings in e.g. SmolLM2: "
+                                "then both train).")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_syntax(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\s*-?\d+(\s*-\s*-?\d+)?(\s*,\s*-?\d+(\s*-\s*-?\d+)?)*\s*", value):
+            raise ValueError("must list layer indices and ranges like '0-3,10'")
+        return value
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"'{pattern}' is not a valid regex ({exc})") from None
+        return value
+
+    def selects_anything(self) -> bool:
+        return bool(self.last_layers or self.first_layers or self.layers or self.patterns or self.train_embeddings
+                    or self.train_norms or self.train_lm_head)
 
 
 class DataSettings(_Section):
@@ -91,11 +149,14 @@ class Config(_Section):
     """A whole run. See the README's config reference for every key."""
 
     model: str = Field("smollm2-135m", description="Base model: alias, HF directory, .gguf file or hub id.")
-    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    method: Literal["lora", "dora", "freeze", "full"] = Field(
+        "lora", description="Fine-tuning method: lora (lora.*), dora (LoRA with lora.use_dora), freeze "
+        "(freeze.*: train a chosen subset), full (every parameter).")
     output: Path = Field(Path("runs/run"), description="Run directory for adapter files, metrics and eval.")
     overwrite: bool = Field(False, description="Replace a finished run already in `output`.")
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in `output`.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    freeze: FreezeSettings = Field(default_factory=FreezeSettings)
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -106,6 +167,17 @@ class Config(_Section):
         if not value.strip():
             raise ValueError("must name a model, e.g. 'smollm2-135m' or a HF model directory")
         return value
+
+    @model_validator(mode="after")
+    def _freeze_selects_something(self) -> "Config":
+        if self.method == "freeze" and not self.freeze.selects_anything():
+            raise ValueError("method: freeze needs a selection: set freeze.last_layers (e.g. 2), first_layers, "
+                             "layers, patterns, train_embeddings, train_norms or train_lm_head")
+        return self
+
+    @property
+    def uses_dora(self) -> bool:
+        return self.method == "dora" or (self.method == "lora" and self.lora.use_dora)
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data (paths as strings)."""
@@ -152,6 +224,8 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
+    if not key:  # a check across sections: the input is the whole config, too long to echo
+        return message
     return f"{key}: {message} (got {error.get('input')!r})"
 
 

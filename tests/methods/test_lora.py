@@ -16,6 +16,7 @@ from torch import nn
 
 from slimtune.errors import AdapterError
 from slimtune.methods.lora import (
+    DoRALinear,
     LoRALinear,
     adapters_disabled,
     attach_lora,
@@ -24,6 +25,7 @@ from slimtune.methods.lora import (
     merge_and_unload,
     merge_lora,
     merge_state_dict,
+    pattern_value,
     unmerge_lora,
 )
 
@@ -273,3 +275,148 @@ def test_dropout_path_is_unbiased_in_expectation():
         mean = torch.stack([layer(x) - layer.base_layer(x) for _ in range(20000)]).mean(0)
     assert torch.allclose(mean, exact, atol=0.05 * exact.abs().max().item()), \
         f"dropout must be unbiased: mean update {mean} vs exact {exact}"
+
+
+# --- rsLoRA, DoRA, rank / alpha patterns ----------------------------------------------------------
+
+
+def randomize_dora_magnitude(model: nn.Module, seed: int = 2) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            m = layer.lora_magnitude_vector
+            m.mul_(1 + 0.2 * torch.randn(m.shape, generator=gen))
+
+
+def test_rslora_scaling_is_alpha_over_sqrt_r():
+    layer = LoRALinear(nn.Linear(8, 6), r=4, alpha=6.0, rslora=True)
+    assert layer.scaling == pytest.approx(3.0), f"rsLoRA scaling must be alpha / sqrt(r) = 6/2 = 3, got {layer.scaling}"
+    assert LoRALinear(nn.Linear(8, 6), r=4, alpha=6.0).scaling == pytest.approx(1.5), "plain LoRA keeps alpha / r"
+
+
+def test_dora_forward_matches_hand_computation():
+    torch.manual_seed(0)
+    linear = nn.Linear(10, 7)
+    W, b = linear.weight.detach().clone(), linear.bias.detach().clone()
+    layer = DoRALinear.from_linear(linear, r=3, alpha=6.0)
+    row_norms = torch.sqrt((W ** 2).sum(dim=1))
+    assert torch.allclose(layer.lora_magnitude_vector, row_norms, atol=1e-6), "m must start as the row norms of W (d_out,)"
+    with torch.no_grad():
+        layer.lora_A.weight.normal_()
+        layer.lora_B.weight.normal_()
+        layer.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, 7))
+    x = torch.randn(4, 10)
+    A, B, m = layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), layer.lora_magnitude_vector.detach()
+    adapted = W + 2.0 * B @ A
+    W_prime = m[:, None] * adapted / torch.sqrt((adapted ** 2).sum(dim=1, keepdim=True))
+    expected = x @ W_prime.T + b
+    diff = (layer(x) - expected).abs().max().item()
+    assert diff <= 1e-5, f"DoRA output must be x (m (W + s B A) / ||W + s B A||)^T + b; max abs diff {diff}"
+
+
+def test_dora_starts_at_the_base_model(tiny_model, input_ids):
+    base_logits = logits(tiny_model, input_ids)
+    attach_lora(tiny_model, "all-linear", r=R, alpha=ALPHA, use_dora=True)
+    diff = (logits(tiny_model, input_ids) - base_logits).abs().max().item()
+    assert diff <= 1e-5, f"with B = 0 and m = ||W|| DoRA must reproduce the base logits; max abs diff {diff}"
+
+
+def test_dora_gradients_treat_the_norm_as_a_constant():
+    torch.manual_seed(1)
+    linear = nn.Linear(6, 5, bias=False)
+    W = linear.weight.detach().clone()
+    layer = DoRALinear.from_linear(linear, r=2, alpha=2.0)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 6)
+    layer(x).pow(2).sum().backward()
+
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    m = layer.lora_magnitude_vector.detach().clone().requires_grad_(True)
+    adapted = W + B @ A
+    norm = torch.sqrt((adapted ** 2).sum(dim=1)).detach()  # sec. 4.3: ||V + dV|| is a constant in backward
+    (x @ ((m / norm)[:, None] * adapted).T).pow(2).sum().backward()
+    for name, ours, ref in (("lora_A", layer.lora_A.weight.grad, A.grad), ("lora_B", layer.lora_B.weight.grad, B.grad),
+                            ("magnitude", layer.lora_magnitude_vector.grad, m.grad)):
+        diff = (ours - ref).abs().max().item()
+        assert diff <= 1e-5, f"grad of {name} must match the detached-norm formula; max abs diff {diff}"
+    assert not linear.weight.requires_grad, "the base weight must stay frozen"
+
+
+def test_dora_merge_unmerge_and_pure_merge(tiny_model, input_ids):
+    base = {k: v.detach().clone() for k, v in tiny_model.state_dict().items()}
+    attach_lora(tiny_model, ["q_proj", "down_proj"], r=R, alpha=ALPHA, use_dora=True)
+    randomize_lora(tiny_model)
+    randomize_dora_magnitude(tiny_model)
+    unmerged = logits(tiny_model, input_ids)
+    adapter = {k: v.clone() for k, v in lora_state_dict(tiny_model).items()}
+    pure = merge_state_dict(base, adapter, ALPHA / R)
+    assert merge_lora(tiny_model) == 4, "all 4 DoRA layers must merge"
+    diff = (logits(tiny_model, input_ids) - unmerged).abs().max().item()
+    assert diff <= 1e-5, f"merged DoRA logits must equal unmerged ones; max abs diff {diff}"
+    for path in lora_layers(tiny_model):
+        diff = (pure[f"{path}.weight"] - tiny_model.get_submodule(path).base_layer.weight).abs().max().item()
+        assert diff <= 1e-6, f"'{path}': merge_state_dict must equal the in-place DoRA merge; max abs diff {diff}"
+    unmerge_lora(tiny_model)
+    for path in lora_layers(tiny_model):
+        diff = (tiny_model.get_submodule(path).base_layer.weight - base[f"{path}.weight"]).abs().max().item()
+        assert diff <= 1e-5, f"'{path}': DoRA unmerge must restore W; max abs diff {diff}"
+
+
+def test_dora_trainable_parameters_include_the_magnitude(tiny_model):
+    from slimtune.methods.lora import LoRAMethod
+
+    attach_lora(tiny_model, ["q_proj"], r=R, alpha=ALPHA, use_dora=True)
+    hidden = tiny_model.config.hidden_size
+    trainable, _ = LoRAMethod("dora", tiny_model).parameter_counts()
+    expected = 2 * (R * hidden + hidden * R + hidden)  # A, B and m per layer, 2 layers
+    assert trainable == expected, f"DoRA on q_proj must train A, B and m: {expected} parameters, got {trainable}"
+    assert len(LoRAMethod("dora", tiny_model).trainable_parameters()) == 6, "3 tensors per layer, 2 layers"
+
+
+def test_rank_and_alpha_pattern_use_peft_matching(tiny_model):
+    attach_lora(tiny_model, ["q_proj", "v_proj"], r=4, alpha=8.0,
+                rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 3.0})
+    layers = lora_layers(tiny_model)
+    got = {path: (layer.r, layer.alpha) for path, layer in layers.items()}
+    assert got == {
+        "model.layers.0.self_attn.q_proj": (4, 3.0), "model.layers.0.self_attn.v_proj": (2, 8.0),
+        "model.layers.1.self_attn.q_proj": (4, 8.0), "model.layers.1.self_attn.v_proj": (2, 8.0),
+    }, f"per-module rank/alpha must follow the patterns, got {got}"
+    assert layers["model.layers.0.self_attn.v_proj"].lora_A.weight.shape == (2, 32), "v_proj's A must have rank 2"
+    assert pattern_value({"proj": 9}, "model.layers.0.self_attn.q_proj", 1) == 1, "a key must match a whole path component"
+
+
+def test_pattern_matching_nothing_raises(tiny_model):
+    with pytest.raises(AdapterError, match="rank_pattern key 'k_proj' matches no adapted module"):
+        attach_lora(tiny_model, ["q_proj"], r=4, alpha=8.0, rank_pattern={"k_proj": 2})
+
+
+def test_dora_eval_norm_cache_follows_weight_changes():
+    torch.manual_seed(3)
+    layer = DoRALinear.from_linear(nn.Linear(8, 6), r=2, alpha=2.0).eval()
+    x = torch.randn(2, 8)
+    before = layer(x)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()  # an in-place change must invalidate the cached norm
+    A, B, m = layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector
+    adapted = layer.base_layer.weight + B @ A
+    expected = x @ (m[:, None] * adapted / adapted.norm(dim=1, keepdim=True)).T + layer.base_layer.bias
+    after = layer(x)
+    assert (after - before).abs().max().item() > 1e-3, "changing B must change the output, else the test is void"
+    diff = (after - expected).detach().abs().max().item()
+    assert diff <= 1e-5, f"eval-mode DoRA must use the current ||W + s B A||, not a stale one; max abs diff {diff}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_weight_norm_equals_the_direct_row_norm(dtype):
+    torch.manual_seed(4)
+    layer = DoRALinear.from_linear(nn.Linear(48, 40).to(dtype), r=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_A.weight.normal_(std=0.1)
+        layer.lora_B.weight.normal_(std=0.1)
+    W = layer.base_layer.weight.float()
+    direct = torch.sqrt(((W + 2.0 * layer.lora_B.weight @ layer.lora_A.weight) ** 2).sum(dim=1))
+    rel = ((layer.weight_norm() - direct).abs() / direct).max().item()
+    assert rel <= (1e-6 if dtype == torch.float32 else 1e-3), f"||W + s B A|| per row is off by {rel} (relative)"

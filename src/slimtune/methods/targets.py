@@ -33,9 +33,13 @@ def short_names(paths: Sequence[str]) -> list[str]:
     return sorted({path.rsplit(".", 1)[-1] for path in paths})
 
 
-def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
-    """Paths of the linear layers that `spec` selects (see module docstring), in model order."""
-    layers = linear_layers(model)
+def resolve_targets(model: nn.Module, spec: str | Sequence[str], layers: dict[str, nn.Linear] | None = None) -> list[str]:
+    """Paths of the linear layers that `spec` selects (see module docstring), in model order.
+
+    `layers` replaces `linear_layers(model)` as the candidates (e.g. the base layers recorded before
+    adapters were attached).
+    """
+    layers = linear_layers(model) if layers is None else layers
     names = list(layers)
     available = ", ".join(short_names(names)) or "(none)"
     if isinstance(spec, str) and spec == "all-linear":
