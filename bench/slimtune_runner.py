@@ -30,13 +30,14 @@ def run(args: argparse.Namespace) -> dict:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="slimtune-bench-"))
     cfg = build_config({
-        "model": args.model_dir, "output": str(work / "run"), "overwrite": True,
+        "model": args.model_dir, "output": str(work / "run"), "overwrite": True, "method": args.method,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "data": {"train": args.train, "max_length": args.max_length},
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.0,
                   "schedule": "linear", "seed": args.seed, "precision": args.precision,
                   "packing": not args.no_packing, "grad_checkpointing": args.grad_checkpointing,
-                  "log_every": 10},
+                  "log_every": 10, "optimizer": args.optimizer, "save_every": None},
+        **({"quantize": args.quantize} if args.quantize != "none" else {}),
     })
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -50,10 +51,22 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(device)
+    if args.quantize != "none":
+        # A QLoRA adapter belongs to the 4-bit base: evaluate it on the NF4-dequantized weights.
+        from slimtune.quant import dequantize_model, quantize_model
+
+        quantize_model(base, compute_dtype=torch.float32)
+        dequantize_model(base, torch.float32)
     model = PeftModel.from_pretrained(base, str(result.output)).to(device)
     features = response_features(tokenizer, rows_from_jsonl(args.eval), args.max_length)
     eval_loss, _ = response_eval_loss(model, features, tokenizer.pad_token_id, device, batch_size=8)
     name = "slimtune " + result.precision + (" packed" if result.packing else " padded")
+    if args.method != "lora":
+        name += f" {args.method.upper()}"
+    if args.quantize != "none":
+        name += f" QLoRA ({args.quantize} base)"
+    if args.optimizer != "adamw":
+        name += f" {args.optimizer}"
     if args.grad_checkpointing:
         name += " +ckpt"
     return {
@@ -72,6 +85,9 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--no-packing", action="store_true")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
+    parser.add_argument("--method", default="lora", choices=["lora", "dora"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)

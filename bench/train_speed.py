@@ -39,6 +39,10 @@ CONFIGS: dict[str, list[str]] = {
     "slimtune-fp32": [str(HERE / "slimtune_runner.py"), "--precision", "fp32"],
     "slimtune-padded": [str(HERE / "slimtune_runner.py"), "--no-packing"],
     "slimtune-ckpt": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing"],
+    "slimtune-8bit-adam": [str(HERE / "slimtune_runner.py"), "--optimizer", "adamw8bit"],
+    "slimtune-dora": [str(HERE / "slimtune_runner.py"), "--method", "dora"],
+    "slimtune-qlora": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4"],
+    "slimtune-qlora-fp32": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4", "--precision", "fp32"],
 }
 DEFAULT_CONFIGS = "peer-fp32,peer-bf16,slimtune,slimtune-fp32,slimtune-padded,slimtune-ckpt"
 

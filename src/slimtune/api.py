@@ -26,6 +26,7 @@ from slimtune.methods.freeze import (
 )
 from slimtune.methods.lora import LoRAMethod, adapters_disabled, attach_lora, lora_layers, merge_and_unload
 from slimtune.models import load_model
+from slimtune.quant import Linear4bit, dequantize_model, quantize_model
 from slimtune.train.checkpoint import Checkpoint, latest_checkpoint
 from slimtune.train.loop import run_training, seed_everything
 from slimtune.train.metrics import plot_loss
@@ -34,6 +35,7 @@ from slimtune.train.packing import use_packed_attention
 from slimtune.train.precision import resolve_device, resolve_precision, weight_dtype
 
 RUN_CONFIG = "config.yaml"
+MERGE_REPORT = "slimtune_merge.json"  # written by merge_run for a QLoRA run: merged vs 4-bit outputs
 EVAL_REPORT, EVAL_METRICS = "eval_report.md", "eval_metrics.json"
 
 
@@ -141,7 +143,7 @@ def _print_eval(console: Console, base: dict[str, float], tuned: dict[str, float
 
 def attach_method(model: torch.nn.Module, cfg: Config, console: Console) -> LoRAMethod | FreezeMethod | FullMethod:
     """Attach `cfg.method` to `model` and return the handle the training loop uses."""
-    if cfg.method in ("lora", "dora"):
+    if cfg.method in ("lora", "qlora", "dora"):
         lora = cfg.lora
         attach_lora(model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora,
                     use_dora=cfg.uses_dora, rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern)
@@ -160,7 +162,7 @@ def attach_method(model: torch.nn.Module, cfg: Config, console: Console) -> LoRA
 
 def save_method(model: torch.nn.Module, tokenizer, cfg: Config, out: Path, base_model: str) -> str:
     """Write the trained result into `out`, its weights file last; returns what was written, for the log."""
-    if cfg.method in ("lora", "dora"):
+    if cfg.method in ("lora", "qlora", "dora"):
         save_lora_adapter(model, out, base_model=base_model, dropout=cfg.lora.dropout)
         return f"{WEIGHTS_NAME}, {CONFIG_NAME}"
     if cfg.method == "freeze":
@@ -199,6 +201,10 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
         fuse_modules(model)
     if cfg.train.packing and not packing:
         console.print("note: this architecture cannot use packed attention; training with padded batches")
+    if cfg.quantized:
+        # Explicit, before the base evaluation: the base QLoRA trains on is the 4-bit one.
+        quantized = quantize_model(model, compute_dtype=weight_dtype(precision))
+        console.print(f"quantized {len(quantized)} linear layers to NF4 (double quantization, block 64)")
     train_set = load_dataset(cfg.data.train, tokenizer, cfg.data.format, cfg.data.max_length)
     eval_set = load_dataset(cfg.data.eval, tokenizer, cfg.data.format, cfg.data.max_length) if cfg.data.eval else None
     console.print(
@@ -310,6 +316,9 @@ def load_run(run_dir: str | Path, model: str | None = None):
     if kind == "adapter":
         read_adapter_config(run_dir)  # a bad config fails before the base model loads
     base, tokenizer, _ = load_model(_base_model_name(run_dir, model))
+    cfg = run_config(run_dir)
+    if cfg is not None and cfg.quantized:  # the adapter was trained on the 4-bit base: rebuild that base
+        quantize_model(base, compute_dtype=torch.float32)
     if kind == "adapter":
         load_lora_adapter(base, run_dir)
     else:
@@ -325,11 +334,25 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
     if out.exists() and any(out.iterdir()):
         raise SlimtuneError(f"merge output '{out}' is not empty: choose a new directory")
     model, tokenizer = load_run(run_dir)
+    quantized_logits = None
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        # QLoRA: W' = dequantize(W_nf4) + s B A. Probe the unmerged 4-bit model first to report the change.
+        probe = tokenizer("The merge check: one two three four five.", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            quantized_logits = model(input_ids=probe).logits.float()
+        dequantize_model(model, torch.float32)
     merge_and_unload(model)  # a no-op for freeze and full runs: their weights already hold the result
     broken = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
     if broken:
         raise AdapterError(f"cannot merge '{run_dir}': {len(broken)} tensors hold NaN or inf (e.g. {broken[:2]}); "
                            "the run is broken")
+    report = None
+    if quantized_logits is not None:
+        with torch.no_grad():
+            merged_logits = model(input_ids=probe).logits.float()
+        report = {"source": str(run_dir), "probe_tokens": int(probe.shape[1]),
+                  "max_abs_prob_diff_vs_unmerged_nf4": float(
+                      (merged_logits.softmax(-1) - quantized_logits.softmax(-1)).abs().max())}
     if dtype is not None:
         model.to(dtype)
     model.config.use_cache = True
@@ -337,6 +360,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
     with staged_directory(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if report is not None:
+            (staging / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return out
 
 

@@ -53,10 +53,16 @@ def merge(
     out_dir: Annotated[Path, typer.Argument(help="New directory for the merged model.")],
 ) -> None:
     """Merge the adapter into the base weights (W' = W + alpha/r B A): a plain HF model directory."""
-    from slimtune.api import merge_run
+    import json
+
+    from slimtune.api import MERGE_REPORT, merge_run
 
     out = merge_run(run_dir, out_dir)
-    console.print(f"wrote merged model to {out}/ (load it with AutoModelForCausalLM.from_pretrained)")
+    console.print(f"wrote merged model to {escape(str(out))}/ (load it with AutoModelForCausalLM.from_pretrained)",
+                  highlight=False, soft_wrap=True)
+    if (out / MERGE_REPORT).is_file():  # QLoRA: the 4-bit base was dequantized for the merge
+        diff = json.loads((out / MERGE_REPORT).read_text())["max_abs_prob_diff_vs_unmerged_nf4"]
+        console.print(f"NF4 base dequantized for the merge; max |p_merged - p_unmerged 4-bit| = {diff:.2e}")
 
 
 @app.command()

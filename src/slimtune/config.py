@@ -149,9 +149,12 @@ class Config(_Section):
     """A whole run. See the README's config reference for every key."""
 
     model: str = Field("smollm2-135m", description="Base model: alias, HF directory, .gguf file or hub id.")
-    method: Literal["lora", "dora", "freeze", "full"] = Field(
-        "lora", description="Fine-tuning method: lora (lora.*), dora (LoRA with lora.use_dora), freeze "
-        "(freeze.*: train a chosen subset), full (every parameter).")
+    method: Literal["lora", "qlora", "dora", "freeze", "full"] = Field(
+        "lora", description="Fine-tuning method: lora (lora.*), qlora (LoRA on a base frozen in 4-bit NF4), "
+        "dora (LoRA with lora.use_dora), freeze (freeze.*: train a chosen subset), full (every parameter).")
+    quantize: Literal["none", "nf4"] = Field(
+        "none", description="nf4: freeze the base's linear layers (not the LM head) in 4-bit NormalFloat with "
+        "double quantization, block 64 (QLoRA); method: qlora implies it.")
     output: Path = Field(Path("runs/run"), description="Run directory for adapter files, metrics and eval.")
     overwrite: bool = Field(False, description="Replace a finished run already in `output`.")
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in `output`.")
@@ -175,9 +178,24 @@ class Config(_Section):
                              "layers, patterns, train_embeddings, train_norms or train_lm_head")
         return self
 
+    @model_validator(mode="after")
+    def _quantize_fits_method(self) -> "Config":
+        if self.quantized and self.method in ("freeze", "full"):
+            raise ValueError(f"quantize: nf4 freezes the base in 4 bits, but method: {self.method} trains base "
+                             "weights; use it with method: lora or qlora")
+        if self.quantized and self.uses_dora:
+            raise ValueError("DoRA on a 4-bit base is not supported yet: use method: qlora without lora.use_dora, "
+                             "or dora without quantize")
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base's linear layers are frozen in NF4 (method qlora or quantize: nf4)."""
+        return self.method == "qlora" or self.quantize == "nf4"
+
     @property
     def uses_dora(self) -> bool:
-        return self.method == "dora" or (self.method == "lora" and self.lora.use_dora)
+        return self.method == "dora" or (self.method in ("lora", "qlora") and self.lora.use_dora)
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data (paths as strings)."""

@@ -32,7 +32,9 @@ class AttachedMethod:
         return {}
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; tied weights counted once."""
+        """(trainable, total) parameter counts; tied weights counted once, 4-bit weights (buffers) counted."""
+        from slimtune.quant.linear4bit import Linear4bit
+
         seen: set[int] = set()
         trainable = total = 0
         for param in self.model.parameters():
@@ -41,4 +43,5 @@ class AttachedMethod:
             seen.add(id(param))
             total += param.numel()
             trainable += param.numel() if param.requires_grad else 0
+        total += sum(m.in_features * m.out_features for m in self.model.modules() if isinstance(m, Linear4bit))
         return trainable, total

@@ -118,11 +118,19 @@ class LoRALinear(nn.Module):
         update = self.lora_B(self.lora_A(x))  # (..., d_out)
         return (update * scale).to(out.dtype)
 
+    def _require_dense_base(self) -> None:
+        if not isinstance(self.base_layer, nn.Linear):
+            raise AdapterError(
+                f"cannot merge into a {type(self.base_layer).__name__} base layer (a 4-bit weight cannot hold "
+                "W + s B A): call slimtune.quant.dequantize_model(model) first, as `slimtune merge` does"
+            )
+
     @torch.no_grad()
     def merge(self) -> bool:
         """W <- W + s B A. Returns False (and changes nothing) if already merged."""
         if self.merged:
             return False
+        self._require_dense_base()
         delta = self.delta_weight()
         if not torch.isfinite(delta).all():
             raise AdapterError("cannot merge: the LoRA update contains NaN or inf values; the adapter is broken")
@@ -245,6 +253,7 @@ class DoRALinear(LoRALinear):
         """W <- (m / ||W + s B A||) (W + s B A). Returns False if already merged."""
         if self.merged:
             return False
+        self._require_dense_base()
         delta = self.delta_weight()
         magnitude = self.lora_magnitude_vector.float()
         if not (torch.isfinite(delta).all() and torch.isfinite(magnitude).all()):

@@ -19,12 +19,14 @@ from slimtune.errors import TargetError
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """All `nn.Linear` modules by path, output head excluded."""
+    """All linear modules by path (`nn.Linear`, and QLoRA's frozen 4-bit `Linear4bit`), output head excluded."""
+    from slimtune.quant.linear4bit import Linear4bit
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and name
+        if isinstance(module, (nn.Linear, Linear4bit)) and module is not head and name
     }
 
 
