@@ -108,13 +108,15 @@ def test_finished_run_is_not_overwritten_by_default(monkeypatch, capsys, tmp_pat
 
 def test_disk_full_on_save(monkeypatch, capsys, tmp_path, tiny_model_dir):
     """ENOSPC while writing the adapter: clear error, no half-written adapter, checkpoint kept for resume."""
-    import slimtune.adapters
+    import safetensors.torch
 
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")  # what a real partial write leaves behind
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(slimtune.adapters, "save_file", full_disk)
+    # The adapter goes through slimtune.atomic, which looks save_file up at call time; checkpoints were
+    # written before the patch matters (they import it at module load), so only the final save fails.
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     code, _, err = run_cli(monkeypatch, capsys, "train", _yaml(tmp_path, _setup(tmp_path, tiny_model_dir)))
     flat = " ".join(err.split())
     assert code == 2 and "Traceback" not in err, err[-1500:]

@@ -8,18 +8,17 @@ Only safetensors is read: a `.bin` adapter (pickle) is refused rather than unpic
 from __future__ import annotations
 
 import json
-import os
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from slimtune.atomic import save_safetensors_atomically
 from slimtune.errors import AdapterError
-import re
-from collections import Counter
-
 from slimtune.methods.lora import DoRALinear, LoRALinear, attach_lora, lora_layers, lora_state_dict, pattern_value
 from slimtune.methods.targets import linear_layers, resolve_targets, short_names
 
@@ -98,13 +97,7 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dr
     # Config first, weights last and renamed into place: a weights file is never half written, and
     # its presence is what marks a finished run.
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    partial = out / f".{WEIGHTS_NAME}.partial"
-    try:
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-        os.replace(partial, out / WEIGHTS_NAME)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out / WEIGHTS_NAME
+    return save_safetensors_atomically(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:

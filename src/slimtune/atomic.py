@@ -7,11 +7,14 @@ A crash in between leaves only a `.tmp-` sibling that readers ignore and the nex
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 @contextmanager
@@ -27,3 +30,18 @@ def staged_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def save_safetensors_atomically(tensors: dict[str, torch.Tensor], path: Path,
+                                metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file under a temporary name and rename it into place: a reader never sees a
+    half-written file, and its presence can mark a finished run."""
+    from safetensors.torch import save_file
+
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path

@@ -17,16 +17,16 @@ most small steps. Matmuls still run in bf16 under autocast.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from slimtune.atomic import save_safetensors_atomically
 from slimtune.errors import AdapterError
 from slimtune.methods.base import AttachedMethod
 
@@ -160,13 +160,7 @@ def save_freeze(model: nn.Module, out_dir: str | Path, base_model: str) -> Path:
     config = {"method": "freeze", "base_model": base_model, "tied_embeddings": embeddings_tied(model),
               "tensors": sorted(tensors)}
     (out / FREEZE_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    partial = out / f".{FREEZE_WEIGHTS}.partial"
-    try:
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-        os.replace(partial, out / FREEZE_WEIGHTS)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out / FREEZE_WEIGHTS
+    return save_safetensors_atomically(tensors, out / FREEZE_WEIGHTS, metadata={"format": "pt"})
 
 
 def read_freeze_config(run_dir: str | Path) -> dict[str, Any]:
