@@ -6,7 +6,7 @@ same code the peer uses (`peer_trainer.response_eval_loss`: fp32 base + the save
 PEFT), so both sides are judged by one yardstick.
 
     python bench/slimtune_runner.py --model-dir DIR --train T.jsonl --eval E.jsonl [--precision auto]
-        [--no-packing] [--grad-checkpointing] [--batch-size 4] [--lr 2e-4] [--json-out R.json]
+        [--packing] [--grad-checkpointing] [--batch-size 4] [--lr 2e-4] [--json-out R.json]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> dict:
         "data": {"train": args.train, "max_length": args.max_length},
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.0,
                   "schedule": "linear", "seed": args.seed, "precision": args.precision,
-                  "packing": not args.no_packing, "grad_checkpointing": args.grad_checkpointing,
+                  "packing": args.packing, "grad_checkpointing": args.grad_checkpointing,
                   "log_every": 10, "optimizer": args.optimizer, "save_every": None},
         **({"quantize": args.quantize} if args.quantize != "none" else {}),
     })
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--train", required=True)
     parser.add_argument("--eval", required=True)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--no-packing", action="store_true")
+    parser.add_argument("--packing", action="store_true", help="train.packing=true (default: padded, length-grouped)")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
     parser.add_argument("--method", default="lora", choices=["lora", "dora"])

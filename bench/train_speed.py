@@ -37,14 +37,14 @@ CONFIGS: dict[str, list[str]] = {
     "peer-bf16": [str(HERE / "peer_trainer.py"), "--bf16"],
     "slimtune": [str(HERE / "slimtune_runner.py")],
     "slimtune-fp32": [str(HERE / "slimtune_runner.py"), "--precision", "fp32"],
-    "slimtune-padded": [str(HERE / "slimtune_runner.py"), "--no-packing"],
+    "slimtune-packed": [str(HERE / "slimtune_runner.py"), "--packing"],
     "slimtune-ckpt": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing"],
     "slimtune-8bit-adam": [str(HERE / "slimtune_runner.py"), "--optimizer", "adamw8bit"],
     "slimtune-dora": [str(HERE / "slimtune_runner.py"), "--method", "dora"],
     "slimtune-qlora": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4"],
     "slimtune-qlora-fp32": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4", "--precision", "fp32"],
 }
-DEFAULT_CONFIGS = "peer-fp32,peer-bf16,slimtune,slimtune-fp32,slimtune-padded,slimtune-ckpt"
+DEFAULT_CONFIGS = "peer-fp32,peer-bf16,slimtune,slimtune-packed,slimtune-fp32,slimtune-ckpt"
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 1.5) -> float:
@@ -83,8 +83,9 @@ def flops_per_token(model_dir: str) -> float:
     return 4.0 * (total - embedding + head)
 
 
-def run_config(name: str, model_dir: str, train: str, eval_: str, out: Path) -> dict:
-    command = [sys.executable, *CONFIGS[name], "--model-dir", model_dir, "--train", train, "--eval", eval_,
+def run_config(name: str, model_dir: str, train: str, eval_: str, out: Path, slimtune_args: list[str]) -> dict:
+    extra = slimtune_args if name.startswith("slimtune") else []
+    command = [sys.executable, *CONFIGS[name], *extra, "--model-dir", model_dir, "--train", train, "--eval", eval_,
                "--json-out", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if completed.returncode != 0:
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json-out")
+    parser.add_argument("--slimtune-args", default="", help="extra runner flags for every slimtune config, e.g. '--packing'")
     args = parser.parse_args()
 
     from slimtune.models import resolve_model
@@ -123,7 +125,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_index in range(args.rounds):
         for name in names:
-            result = run_config(name, model_dir, str(train), args.eval_file, work / f"{name}-{round_index}.json")
+            result = run_config(name, model_dir, str(train), args.eval_file, work / f"{name}-{round_index}.json",
+                                args.slimtune_args.split())
             runs[name].append(result)
             print(f"  round {round_index + 1} {name}: {result['tokens_per_s']:.0f} tok/s, "
                   f"{result['peak_rss_mb']:.0f} MB, eval loss {result['eval_loss']:.4f}", flush=True)
