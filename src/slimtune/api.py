@@ -313,8 +313,7 @@ def load_run(run_dir: str | Path, model: str | None = None):
     if kind == "full":
         base, tokenizer, _ = load_model(str(run_dir))
         return base.eval(), tokenizer
-    if kind == "adapter":
-        read_adapter_config(run_dir)  # a bad config fails before the base model loads
+    # _base_model_name reads (and so checks) the adapter config: a bad one fails before the base loads.
     base, tokenizer, _ = load_model(_base_model_name(run_dir, model))
     cfg = run_config(run_dir)
     if cfg is not None and cfg.quantized:  # the adapter was trained on the 4-bit base: rebuild that base

@@ -70,10 +70,16 @@ def convert_gguf(gguf_path: str | Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
 
-    with staged_directory(target) as staging:  # replaces a stale, unmarked directory of an older run
+    return _save_marked(model, tokenizer, target, str(gguf_path))
+
+
+def _save_marked(model, tokenizer, target: Path, origin: str) -> Path:
+    """Save model + tokenizer as `target`, whole or not at all; the marker file (written last, in the
+    staged directory) is what makes a cache entry count. Replaces a stale, unmarked directory."""
+    with staged_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / _DONE_MARKER).write_text(str(gguf_path) + "\n", encoding="utf-8")
+        (staging / _DONE_MARKER).write_text(origin + "\n", encoding="utf-8")
     return target
 
 
@@ -94,8 +100,4 @@ def bf16_variant(model_dir: str | Path) -> Path | None:
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    with staged_directory(target) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / _DONE_MARKER).write_text(f"bf16 copy of {source}\n", encoding="utf-8")
-    return target
+    return _save_marked(model, tokenizer, target, f"bf16 copy of {source}")
