@@ -183,7 +183,7 @@ def test_freeze_without_selection_and_bad_method_keys_are_reported_together():
     with pytest.raises(ConfigError, match="method: freeze needs a selection: set freeze.last_layers"):
         build_config({"data": {"train": "t.jsonl"}, "method": "freeze"})
     with pytest.raises(ConfigError, match="method"):
-        build_config({"data": {"train": "t.jsonl"}, "method": "adalora"})
+        build_config({"data": {"train": "t.jsonl"}, "method": "ia3"})
 
 
 @pytest.mark.parametrize("name, method", [("extract.yaml", "lora"), ("extract_dora.yaml", "dora"),

@@ -3,6 +3,12 @@
 Key names are PEFT's: `base_model.model.<module path>.lora_A.weight` (the adapter name is not part of
 the saved keys), so `PeftModel.from_pretrained(base, run_dir)` loads our files and we load PEFT's.
 Only safetensors is read: a `.bin` adapter (pickle) is refused rather than unpickled.
+
+AdaLoRA adapters use PEFT's ADALORA format: `<path>.lora_A` (Q, r x d_in), `.lora_E` (lambda, r x 1),
+`.lora_B` (P, d_out x r) with only the kept triplets stored, and `rank_pattern` in the config listing,
+per `<path>.lora_E`, which of the `init_r` triplets were kept. For inference they load as plain LoRA
+layers: s P diag(lambda) Q = (alpha / init_r) B' A' with B' = P and A' = diag(lambda) Q, exactly, so
+everything that runs a LoRA adapter (generate, eval, merge, several adapters on one base) runs them.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from torch import nn
 
 from slimtune.atomic import save_safetensors_atomically
 from slimtune.errors import AdapterError
-from slimtune.methods.lora import DoRALinear, LoRALinear, attach_lora, lora_layers, lora_state_dict, pattern_value
+from slimtune.methods.lora import (
+    AdapterLayer, DoRALinear, LoRALinear, attach_lora, lora_layers, lora_state_dict, pattern_value,
+)
 from slimtune.methods.targets import linear_layers, resolve_targets, short_names
 
 CONFIG_NAME = "adapter_config.json"
@@ -56,7 +64,7 @@ def lora_adapter_config(
     }
 
 
-def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
+def target_modules_for(model: nn.Module, paths: list[str]) -> list[str]:
     """Short names (`q_proj`) when they select exactly `paths` under PEFT's suffix match, else the full paths.
 
     A regex such as `.*layers\\.0\\.self_attn\\.q_proj` adapts a subset of the q_proj layers; writing just
@@ -65,7 +73,7 @@ def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
     names = short_names(paths)
     selected = {
         path for path, module in model.named_modules()
-        if isinstance(module, (nn.Linear, LoRALinear)) and path.rsplit(".", 1)[-1] in names
+        if isinstance(module, (nn.Linear, AdapterLayer)) and path.rsplit(".", 1)[-1] in names
     }
     return names if selected == set(paths) else sorted(paths)
 
@@ -90,7 +98,7 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dr
     out.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
     config = lora_adapter_config(
-        r=r, alpha=alpha, dropout=dropout, target_modules=_target_modules(model, list(layers)), base_model=base_model,
+        r=r, alpha=alpha, dropout=dropout, target_modules=target_modules_for(model, list(layers)), base_model=base_model,
         use_rslora=first.rslora, use_dora=isinstance(first, DoRALinear), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
@@ -109,9 +117,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported here (expected 'LORA')")
-    for key in ("r", "lora_alpha", "target_modules"):
+    if config.get("peft_type") not in ("LORA", "ADALORA"):
+        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported here "
+                           "(expected 'LORA' or 'ADALORA')")
+    rank_key = "r" if config["peft_type"] == "LORA" else "init_r"
+    for key in (rank_key, "lora_alpha", "target_modules"):
         if key not in config:
             raise AdapterError(f"{path}: missing field '{key}'")
     unsupported = {
@@ -122,6 +132,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     }
     if config.get("bias", "none") != "none":
         unsupported["bias"] = config["bias"]
+    if config["peft_type"] == "ADALORA" and config.get("use_dora"):
+        unsupported["use_dora"] = True
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise AdapterError(f"{path}: '{key}' must be a mapping of module pattern -> value, got {config[key]!r}")
@@ -145,10 +157,13 @@ def read_lora_adapter(
         hint = " (adapter_model.bin is a pickle and is never loaded: re-save it as safetensors)" if pickled.exists() else ""
         raise AdapterError(f"'{adapter_dir}' has no {WEIGHTS_NAME}{hint}")
     tensors = load_file(str(weights))
+    layers = linear_layers(model) if layers is None else layers
+    if config["peft_type"] == "ADALORA":
+        config, tensors = adalora_as_lora(config, tensors, resolve_targets(model, config["target_modules"], layers),
+                                          layers, weights)
     r = int(config["r"])
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_dora = bool(config.get("use_dora"))
-    layers = linear_layers(model) if layers is None else layers
     paths = resolve_targets(model, config["target_modules"], layers)
     # Check every key and shape before touching the model, so a bad file leaves it unchanged.
     expected: dict[str, tuple[int, ...]] = {}
@@ -188,3 +203,97 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, An
         for key, target in lora_state_dict(model).items():
             target.copy_(loaded[key].to(target.dtype))
     return config
+
+
+def adalora_adapter_config(
+    *, init_r: int, target_r: int, alpha: float, dropout: float, target_modules: list[str] | str, base_model: str,
+    tinit: int, tfinal: int, delta_t: int, beta1: float, beta2: float, orth_reg: float, total_step: int,
+    rank_pattern: dict[str, list[bool]],
+) -> dict[str, Any]:
+    """A PEFT `AdaLoraConfig` as its `to_dict()` writes it. `r` is left out: PEFT ignores it for AdaLoRA
+    (and warns when it differs from its default)."""
+    config = lora_adapter_config(r=init_r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                                 base_model=base_model)
+    del config["r"]
+    config.update({
+        "peft_type": "ADALORA", "init_r": init_r, "target_r": target_r, "tinit": tinit, "tfinal": tfinal,
+        "deltaT": delta_t, "beta1": beta1, "beta2": beta2, "orth_reg_weight": orth_reg, "total_step": total_step,
+        "rank_pattern": {f"{path}.lora_E": kept for path, kept in rank_pattern.items()},
+    })
+    return config
+
+
+def save_adalora_adapter(model: nn.Module, out_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Write the model's AdaLoRA layers in PEFT's format, keeping only each layer's kept triplets.
+
+    `config` comes from `adalora_adapter_config`; its `rank_pattern` must describe the layers' `kept` masks.
+    """
+    from slimtune.methods.adalora import svd_layers
+
+    layers = svd_layers(model)
+    if not layers:
+        raise AdapterError("the model has no AdaLoRA layers to save")
+    tensors = {}
+    for path, layer in layers.items():
+        kept = layer.kept.nonzero().view(-1)
+        tensors[f"{PEFT_PREFIX}{path}.lora_A"] = layer.lora_A.detach()[kept]
+        tensors[f"{PEFT_PREFIX}{path}.lora_E"] = layer.lora_E.detach()[kept]
+        tensors[f"{PEFT_PREFIX}{path}.lora_B"] = layer.lora_B.detach()[:, kept]
+    tensors = {key: value.contiguous().cpu() for key, value in tensors.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return save_safetensors_atomically(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def adalora_as_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], paths: list[str],
+                    layers: dict[str, nn.Module], weights: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An AdaLoRA adapter as the equivalent LoRA adapter (config, tensors in LoRA's file keys).
+
+    Per layer with kept rank k > 0: A' = diag(lambda) Q (k, d_in), B' = P (d_out, k), alpha' = alpha k / init_r,
+    so that alpha' / k = alpha / init_r, AdaLoRA's scale. Layers with nothing kept are left out.
+    """
+    from slimtune.methods.adalora import parse_rank_pattern
+
+    init_r, alpha = int(config["init_r"]), float(config["lora_alpha"])
+    kept = parse_rank_pattern(config.get("rank_pattern") or {})
+    unknown = sorted(set(kept) - set(paths))
+    if unknown:
+        raise AdapterError(f"{weights.parent / CONFIG_NAME}: rank_pattern names modules the adapter does not target, "
+                           f"e.g. {unknown[:2]}; was it trained on another base model?")
+    # PEFT keeps the adapter name in memory ('.lora_A.default') but not in files; accept both.
+    loaded = {re.sub(r"\.(lora_[ABE])\.default$", r".\1", key): value for key, value in tensors.items()}
+    expected = {f"{PEFT_PREFIX}{path}.{name}" for path in paths for name in ("lora_A", "lora_E", "lora_B")}
+    missing, extra = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
+    if missing or extra:
+        raise AdapterError(
+            f"{weights} does not fit the base model: {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected keys (e.g. {extra[:2]}); was it trained on another base model?"
+        )
+    lora_tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for path in paths:
+        rank = sum(kept[path]) if path in kept else init_r
+        q, lam, p = (loaded[f"{PEFT_PREFIX}{path}.{name}"] for name in ("lora_A", "lora_E", "lora_B"))
+        shapes = {"lora_A": (rank, layers[path].in_features), "lora_E": (rank, 1),
+                  "lora_B": (layers[path].out_features, rank)}
+        for name, tensor in (("lora_A", q), ("lora_E", lam), ("lora_B", p)):
+            if tuple(tensor.shape) != shapes[name]:
+                raise AdapterError(f"{weights}: '{path}.{name}' has shape {tuple(tensor.shape)}, the model and "
+                                   f"rank_pattern need {shapes[name]}")
+        if rank == 0:
+            continue
+        ranks[path] = rank
+        lora_tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = q.float() * lam.float()
+        lora_tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = p.float()
+    if not ranks:
+        raise AdapterError(f"{weights}: the AdaLoRA allocation kept no rank in any layer; the adapter changes nothing")
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    lora_config = lora_adapter_config(
+        r=r, alpha=alpha * r / init_r, dropout=float(config.get("lora_dropout") or 0.0), target_modules=list(ranks),
+        base_model=config.get("base_model_name_or_path") or "",
+        rank_pattern={re.escape(path): k for path, k in ranks.items() if k != r},
+        alpha_pattern={re.escape(path): alpha * k / init_r for path, k in ranks.items() if k != r},
+    )
+    lora_config["converted_from"] = "ADALORA"
+    return lora_config, lora_tensors

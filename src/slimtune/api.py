@@ -15,7 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from slimtune.atomic import staged_directory
-from slimtune.adapters import CONFIG_NAME, WEIGHTS_NAME, load_lora_adapter, read_adapter_config, save_lora_adapter
+from slimtune.adapters import (
+    CONFIG_NAME, WEIGHTS_NAME, adalora_adapter_config, load_lora_adapter, read_adapter_config, save_adalora_adapter,
+    save_lora_adapter,
+)
 from slimtune.config import Config, EvalSettings, build_config
 from slimtune.data import Message, load_dataset
 from slimtune.errors import AdapterError, DataError, OutputWriteError, SlimtuneError
@@ -24,11 +27,14 @@ from slimtune.methods.freeze import (
     FREEZE_CONFIG, FREEZE_WEIGHTS, FreezeMethod, FullMethod, attach_freeze, attach_full, embeddings_tied, load_freeze,
     read_freeze_config, save_freeze,
 )
+from slimtune.methods.adalora import AdaLoRAMethod, AdaLoRASchedule, attach_adalora
+from slimtune.methods.adalora_report import BUDGET_PLOT, RANK_HEATMAP, plot_budget, plot_rank_heatmap
+from slimtune.methods.base import AttachedMethod
 from slimtune.methods.lora import LoRAMethod, adapters_disabled, attach_lora, lora_layers, merge_and_unload
 from slimtune.models import load_model
 from slimtune.quant import Linear4bit, dequantize_model, quantize_model
 from slimtune.train.checkpoint import Checkpoint, latest_checkpoint
-from slimtune.train.loop import run_training, seed_everything
+from slimtune.train.loop import run_training, seed_everything, total_steps
 from slimtune.train.metrics import plot_loss
 from slimtune.train.fused import fuse_modules
 from slimtune.train.packing import use_packed_attention
@@ -130,7 +136,7 @@ def _clear_previous_run(out: Path) -> None:
     """Remove an older run's files; called only once every check has passed, so a bad config never
     costs a finished run."""
     for name in (WEIGHTS_NAME, CONFIG_NAME, FREEZE_WEIGHTS, FREEZE_CONFIG, *FULL_WEIGHTS, *FULL_FILES, "eval.json",
-                 "loss.png", "metrics.jsonl", RUN_CONFIG, EVAL_REPORT, EVAL_METRICS):
+                 "loss.png", "metrics.jsonl", RUN_CONFIG, EVAL_REPORT, EVAL_METRICS, RANK_HEATMAP, BUDGET_PLOT):
         (out / name).unlink(missing_ok=True)
     # Checkpoints of the old run would be pruned in step order against the new run's, or resumed from.
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
@@ -141,8 +147,13 @@ def _print_eval(console: Console, base: dict[str, float], tuned: dict[str, float
     console.print(escape(format_metrics_table(base, tuned)), highlight=False)
 
 
-def attach_method(model: torch.nn.Module, cfg: Config, console: Console) -> LoRAMethod | FreezeMethod | FullMethod:
+def attach_method(model: torch.nn.Module, cfg: Config, console: Console) -> AttachedMethod:
     """Attach `cfg.method` to `model` and return the handle the training loop uses."""
+    if cfg.method == "adalora":
+        ada = cfg.adalora
+        attach_adalora(model, cfg.lora.targets, init_r=ada.init_r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
+        return AdaLoRAMethod(model, init_r=ada.init_r, target_r=ada.target_r, tinit=ada.tinit, tfinal=ada.tfinal,
+                             delta_t=ada.delta_t, beta1=ada.beta1, beta2=ada.beta2, orth_reg=ada.orth_reg)
     if cfg.method in ("lora", "qlora", "dora"):
         lora = cfg.lora
         attach_lora(model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora,
@@ -160,8 +171,29 @@ def attach_method(model: torch.nn.Module, cfg: Config, console: Console) -> LoRA
     return FreezeMethod("freeze", model)
 
 
-def save_method(model: torch.nn.Module, tokenizer, cfg: Config, out: Path, base_model: str) -> str:
-    """Write the trained result into `out`, its weights file last; returns what was written, for the log."""
+def adalora_config(model: torch.nn.Module, cfg: Config, base_model: str, steps: int) -> dict[str, Any]:
+    """The PEFT AdaLoRA config of a trained model: settings, the resolved schedule and the kept triplets."""
+    from slimtune.adapters import target_modules_for
+    from slimtune.methods.adalora import svd_layers
+
+    layers = svd_layers(model)
+    ada = cfg.adalora
+    plan = AdaLoRASchedule.resolve(steps, ada.tinit, ada.tfinal, ada.delta_t)
+    return adalora_adapter_config(
+        init_r=ada.init_r, target_r=ada.target_r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+        target_modules=target_modules_for(model, list(layers)), base_model=base_model, tinit=plan.tinit,
+        tfinal=plan.tfinal, delta_t=plan.delta_t, beta1=ada.beta1, beta2=ada.beta2, orth_reg=ada.orth_reg,
+        total_step=plan.total, rank_pattern={path: layer.kept.tolist() for path, layer in layers.items()})
+
+
+def save_method(model: torch.nn.Module, tokenizer, cfg: Config, out: Path, base_model: str,
+                steps: int | None = None) -> str:
+    """Write the trained result into `out`, its weights file last; returns what was written, for the log.
+
+    `steps` (the run's T) goes into an AdaLoRA adapter's config, with the resolved schedule."""
+    if cfg.method == "adalora":
+        save_adalora_adapter(model, out, adalora_config(model, cfg, base_model, steps or 1))
+        return f"{WEIGHTS_NAME}, {CONFIG_NAME}, {RANK_HEATMAP}, {BUDGET_PLOT}"
     if cfg.method in ("lora", "qlora", "dora"):
         save_lora_adapter(model, out, base_model=base_model, dropout=cfg.lora.dropout)
         return f"{WEIGHTS_NAME}, {CONFIG_NAME}"
@@ -227,6 +259,9 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
         _clear_previous_run(out)
     else:
         console.print(f"resuming from {escape(str(resume_from.path))} (step {resume_from.step})")
+    if isinstance(method, AdaLoRAMethod):  # a schedule that does not fit the run fails now, not at step 1
+        AdaLoRASchedule.resolve(total_steps(len(train_set), cfg.train), cfg.adalora.tinit, cfg.adalora.tfinal,
+                                cfg.adalora.delta_t)
     trainable, total = method.parameter_counts()
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
@@ -250,9 +285,12 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     plot_loss(summary.rows, out / "loss.png",
               {"base": base_metrics["loss"], "tuned": tuned_metrics["loss"]} if tuned_metrics else None)
+    if isinstance(method, AdaLoRAMethod):
+        plot_rank_heatmap(method.final_ranks(), cfg.adalora.init_r, out / RANK_HEATMAP)
+        plot_budget(summary.rows, out / BUDGET_PLOT)
     # The adapter is written last: its presence marks a finished run.
     try:
-        written = save_method(model, tokenizer, cfg, out, resolved)
+        written = save_method(model, tokenizer, cfg, out, resolved, summary.steps)
     except OSError as exc:
         raise OutputWriteError(
             f"could not write the adapter to '{out}' ({exc.strerror or exc}); free disk space or fix permissions, "

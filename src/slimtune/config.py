@@ -56,6 +56,31 @@ class LoraSettings(_Section):
         return value
 
 
+class AdaLoraSettings(_Section):
+    """AdaLoRA (Zhang et al., 2023): SVD-form updates s P diag(lambda) Q whose rank moves to the matrices
+    that matter. Uses lora.targets, lora.alpha (s = alpha / init_r) and lora.dropout."""
+
+    init_r: int = Field(12, gt=0, description="Initial rank of every adapted matrix.")
+    target_r: int = Field(8, gt=0, description="Average rank per matrix after allocation: the final budget is "
+                          "target_r x the number of adapted matrices.")
+    tinit: int | None = Field(None, ge=0, description="Steps at the initial budget before ranks are pruned; "
+                              "null = 10% of the steps.")
+    tfinal: int | None = Field(None, ge=0, description="Final steps with the allocation frozen at the target budget; "
+                               "null = 20% of the steps.")
+    delta_t: int = Field(1, gt=0, description="Reallocate ranks every delta_t steps during the budget decay.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity |theta * grad|.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity's uncertainty.")
+    orth_reg: float = Field(0.1, ge=0, description="Weight of the orthogonality penalty ||P^T P - I||^2 + "
+                            "||Q Q^T - I||^2 (mean over adapted matrices), added to the loss and logged as extra_loss.")
+
+    @model_validator(mode="after")
+    def _target_within_initial(self) -> "AdaLoraSettings":
+        if self.target_r > self.init_r:
+            raise ValueError(f"adalora.target_r={self.target_r} exceeds adalora.init_r={self.init_r}: ranks are only "
+                             "pruned, so use target_r <= init_r")
+        return self
+
+
 class FreezeSettings(_Section):
     """Freeze tuning: which parameters train (the union of everything set); all others stay frozen."""
 
@@ -150,9 +175,10 @@ class Config(_Section):
     """A whole run. See the README's config reference for every key."""
 
     model: str = Field("smollm2-135m", description="Base model: alias, HF directory, .gguf file or hub id.")
-    method: Literal["lora", "qlora", "dora", "freeze", "full"] = Field(
+    method: Literal["lora", "qlora", "dora", "adalora", "freeze", "full"] = Field(
         "lora", description="Fine-tuning method: lora (lora.*), qlora (LoRA on a base frozen in 4-bit NF4), "
-        "dora (LoRA with lora.use_dora), freeze (freeze.*: train a chosen subset), full (every parameter).")
+        "dora (LoRA with lora.use_dora), adalora (adalora.*: adaptive rank allocation), freeze (freeze.*: train "
+        "a chosen subset), full (every parameter).")
     quantize: Literal["none", "nf4"] = Field(
         "none", description="nf4: freeze the base's linear layers (not the LM head) in 4-bit NormalFloat with "
         "double quantization, block 64 (QLoRA); method: qlora implies it.")
@@ -160,6 +186,7 @@ class Config(_Section):
     overwrite: bool = Field(False, description="Replace a finished run already in `output`.")
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in `output`.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
     freeze: FreezeSettings = Field(default_factory=FreezeSettings)
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -187,6 +214,18 @@ class Config(_Section):
         if self.quantized and self.uses_dora:
             raise ValueError("DoRA on a 4-bit base is not supported yet: use method: qlora without lora.use_dora, "
                              "or dora without quantize")
+        return self
+
+    @model_validator(mode="after")
+    def _adalora_options(self) -> "Config":
+        if self.method != "adalora":
+            return self
+        unused = [key for key, value in (("lora.use_dora", self.lora.use_dora), ("lora.rslora", self.lora.rslora),
+                                         ("lora.rank_pattern", self.lora.rank_pattern),
+                                         ("lora.alpha_pattern", self.lora.alpha_pattern)) if value]
+        if unused:
+            raise ValueError(f"method: adalora allocates ranks itself and does not support {', '.join(unused)}: "
+                             "remove them (adalora.init_r and adalora.target_r set the ranks)")
         return self
 
     @property

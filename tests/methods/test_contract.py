@@ -26,6 +26,8 @@ METHODS = {
     "dora": {"method": "dora", "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "o_proj", "up_proj"]}},
     "lora-patterns": {"method": "lora", "lora": {"r": 4, "alpha": 8, "targets": "all-linear",
                                                  "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3}}},
+    "adalora": {"method": "adalora", "lora": {"alpha": 8, "targets": ["q_proj", "k_proj", "gate_proj"]},
+                "adalora": {"init_r": 4, "target_r": 2}},
     "freeze": {"method": "freeze", "freeze": {"last_layers": 1, "train_norms": True}},
     "full": {"method": "full"},
 }
@@ -90,7 +92,7 @@ def test_save_load_and_merge_give_the_same_outputs(name, tiny_model_dir, tmp_pat
     assert diff <= 1e-5, f"{name}: merge_run output must equal the unmerged model; max abs diff {diff}"
 
 
-@pytest.mark.parametrize("name", ["lora", "rslora", "dora", "lora-patterns"])
+@pytest.mark.parametrize("name", ["lora", "rslora", "dora", "lora-patterns", "adalora"])
 def test_in_place_merge_twice_and_unload(name, tiny_model_dir, tmp_path, ids):
     _, model, _, _ = trained_run(name, tiny_model_dir, tmp_path)
     unmerged = logits(model, ids)

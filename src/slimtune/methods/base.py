@@ -1,8 +1,10 @@
 """The small interface through which the training loop knows a method.
 
 The loop never imports a method module. It asks the attached method for its trainable parameters,
-calls `on_step_end` after each optimizer step (AdaLoRA's rank allocation lives there) and adds
-`extra_loss()` to the loss explicitly (AdaLoRA's orthogonality penalty), logging it as its own metric.
+calls `on_step_end` after each optimizer step, before the gradients are cleared (AdaLoRA's rank
+allocation lives there), adds `extra_loss()` to the loss explicitly (AdaLoRA's orthogonality penalty),
+logging it as its own metric, and keeps `state_tensors()` in every checkpoint so a resumed run continues
+the method's own state (AdaLoRA's importance averages and masks) too.
 """
 
 from __future__ import annotations
@@ -28,8 +30,15 @@ class AttachedMethod:
         return None
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        """Called after every optimizer step; returns extra metrics to log."""
+        """Called after every optimizer step (gradients still set); returns extra metrics to log."""
         return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The method's own training state (besides parameters and optimizer), saved in checkpoints."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors` returned (on resume)."""
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; tied weights counted once, 4-bit weights (buffers) counted."""

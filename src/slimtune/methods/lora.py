@@ -44,44 +44,19 @@ def drop_elements(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(keep, x, 0)
 
 
-class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus a trainable low-rank update `s * B A`."""
+class AdapterLayer(nn.Module):
+    """A frozen base layer plus a trainable update; the common part of LoRA, DoRA and AdaLoRA layers.
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+    Subclasses define `update(x, out)` (what the adapter adds to the base output) and `delta_weight()`
+    (the same update as a (d_out, d_in) matrix). Merging adds `delta_weight()` to W, unmerging
+    subtracts it; both are explicit calls, never side effects of `forward`, `.eval()` or `.to()`.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if r < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
-            raise AdapterError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1; got r={r}, alpha={alpha}, dropout={dropout}")
-        if r > min(base_layer.in_features, base_layer.out_features):
-            raise AdapterError(
-                f"LoRA rank r={r} exceeds the layer size ({base_layer.out_features} x {base_layer.in_features}): "
-                f"use r <= {min(base_layer.in_features, base_layer.out_features)}"
-            )
         self.base_layer = base_layer
-        self.r = r
-        self.alpha = alpha
-        self.rslora = rslora
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **factory)  # weight (r, d_in)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)  # weight (d_out, r)
-        self.dropout = dropout
         self.merged = False
         self.disabled = False
-        self.reset_parameters()
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False
-                    ) -> "LoRALinear":
-        """Wrap `linear` (its weight is shared, not copied) and freeze it."""
-        linear.weight.requires_grad_(False)
-        if linear.bias is not None:
-            linear.bias.requires_grad_(False)
-        return cls(linear, r, alpha, dropout, rslora)
-
-    def reset_parameters(self) -> None:
-        # Same init as nn.Linear for A; B = 0 makes the initial update exactly zero.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
 
     @property
     def in_features(self) -> int:
@@ -96,15 +71,87 @@ class LoRALinear(nn.Module):
         """The base weight, for code that inspects `layer.weight` (e.g. dtype or device checks)."""
         return self.base_layer.weight
 
-    def delta_weight(self) -> torch.Tensor:
-        """s * B A, shape (d_out, d_in), in fp32."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
         return out + self.update(x, out)
+
+    def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _require_dense_base(self) -> None:
+        if not isinstance(self.base_layer, nn.Linear):
+            raise AdapterError(
+                f"cannot merge into a {type(self.base_layer).__name__} base layer (a 4-bit weight cannot hold "
+                "W + s B A): call slimtune.quant.dequantize_model(model) first, as `slimtune merge` does"
+            )
+
+    @torch.no_grad()
+    def merge(self) -> bool:
+        """W <- W + delta_weight(). Returns False (and changes nothing) if already merged."""
+        if self.merged:
+            return False
+        self._require_dense_base()
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise AdapterError("cannot merge: the adapter's update contains NaN or inf values; the adapter is broken")
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+        self.merged = True
+        return True
+
+    @torch.no_grad()
+    def unmerge(self) -> bool:
+        """W <- W - delta_weight(). Returns False if not merged."""
+        if not self.merged:
+            return False
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+        return True
+
+
+class LoRALinear(AdapterLayer):
+    """A frozen `nn.Linear` plus a trainable low-rank update `s * B A`."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        super().__init__(base_layer)
+        if r < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
+            raise AdapterError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1; got r={r}, alpha={alpha}, dropout={dropout}")
+        if r > min(base_layer.in_features, base_layer.out_features):
+            raise AdapterError(
+                f"LoRA rank r={r} exceeds the layer size ({base_layer.out_features} x {base_layer.in_features}): "
+                f"use r <= {min(base_layer.in_features, base_layer.out_features)}"
+            )
+        self.r = r
+        self.alpha = alpha
+        self.rslora = rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **factory)  # weight (r, d_in)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)  # weight (d_out, r)
+        self.dropout = dropout
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+                    ) -> "LoRALinear":
+        """Wrap `linear` (its weight is shared, not copied) and freeze it."""
+        freeze_layer(linear)
+        return cls(linear, r, alpha, dropout, rslora)
+
+    def reset_parameters(self) -> None:
+        # Same init as nn.Linear for A; B = 0 makes the initial update exactly zero.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A, shape (d_out, d_in), in fp32."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """What the adapter adds to the base output `out` = W x + b: s B A x, in `out`'s dtype."""
@@ -118,39 +165,14 @@ class LoRALinear(nn.Module):
         update = self.lora_B(self.lora_A(x))  # (..., d_out)
         return (update * scale).to(out.dtype)
 
-    def _require_dense_base(self) -> None:
-        if not isinstance(self.base_layer, nn.Linear):
-            raise AdapterError(
-                f"cannot merge into a {type(self.base_layer).__name__} base layer (a 4-bit weight cannot hold "
-                "W + s B A): call slimtune.quant.dequantize_model(model) first, as `slimtune merge` does"
-            )
-
-    @torch.no_grad()
-    def merge(self) -> bool:
-        """W <- W + s B A. Returns False (and changes nothing) if already merged."""
-        if self.merged:
-            return False
-        self._require_dense_base()
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise AdapterError("cannot merge: the LoRA update contains NaN or inf values; the adapter is broken")
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + delta).to(weight.dtype))
-        self.merged = True
-        return True
-
-    @torch.no_grad()
-    def unmerge(self) -> bool:
-        """W <- W - s B A. Returns False if not merged."""
-        if not self.merged:
-            return False
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
-        self.merged = False
-        return True
-
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def freeze_layer(layer: nn.Module) -> None:
+    """Stop gradients to a layer's own weight and bias (the base of an adapter)."""
+    for param in layer.parameters():
+        param.requires_grad_(False)
 
 
 class DoRALinear(LoRALinear):
@@ -297,15 +319,15 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """All LoRA layers by module path.
+def lora_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """All adapter layers (LoRA, DoRA, AdaLoRA: every `AdapterLayer`) by module path.
 
     Adapters held by a module with `holds_many_adapters = True` (`multi.MultiAdapterLinear`) are left
     out: they share one base weight, so merging them into it, or training them as one, would be wrong.
     """
     banks = tuple(name + "." for name, m in model.named_modules() if getattr(m, "holds_many_adapters", False))
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, LoRALinear) and not (banks and name.startswith(banks))}
+            if isinstance(m, AdapterLayer) and not (banks and name.startswith(banks))}
 
 
 def attach_lora(
@@ -391,6 +413,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     `.lora_magnitude_vector`)."""
     state = {}
     for path, layer in lora_layers(model).items():
+        if not isinstance(layer, LoRALinear):
+            continue
         state[f"{path}.lora_A.weight"] = layer.lora_A.weight.detach()
         state[f"{path}.lora_B.weight"] = layer.lora_B.weight.detach()
         if isinstance(layer, DoRALinear):
@@ -434,6 +458,8 @@ class LoRAMethod(AttachedMethod):
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = []
         for layer in lora_layers(self.model).values():
+            if not isinstance(layer, LoRALinear):
+                continue
             params += [layer.lora_A.weight, layer.lora_B.weight]
             if isinstance(layer, DoRALinear):
                 params.append(layer.lora_magnitude_vector)

@@ -4,6 +4,7 @@ A checkpoint directory `checkpoints/step-000040/` holds
 - `trainable.safetensors`: the trainable parameters by name;
 - `optimizer.safetensors` + the `optimizer` entry of `state.json`: AdamW moments and step counts,
   and the hyperparameters of each parameter group;
+- `method.safetensors`: the method's own state where it has one (AdaLoRA's importance averages and masks);
 - `rng.safetensors` + `state.json`: torch, Python and NumPy RNG states, the step, the data position
   (micro-batches consumed: the order itself is a pure function of the seed), token and example
   counts, elapsed time, the scheduler state and the resolved config.
@@ -33,6 +34,7 @@ from slimtune.atomic import staged_directory
 
 _NAME = re.compile(r"^step-(\d+)$")
 MARKER = "COMPLETE"
+METHOD_STATE = "method.safetensors"
 
 
 @dataclass
@@ -93,6 +95,7 @@ def save_checkpoint(
     progress: dict[str, Any],
     config: dict[str, Any],
     keep: int,
+    method_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `root/step-NNNNNN` atomically and prune older checkpoints; returns its path."""
     root.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,9 @@ def save_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in named_params.items()}, str(staging / "trainable.safetensors"))
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(staging / "optimizer.safetensors"))
+        if method_state:
+            save_file({k: v.detach().contiguous().cpu() for k, v in method_state.items()},
+                      str(staging / METHOD_STATE))
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, str(staging / "rng.safetensors"))
         scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -159,3 +165,9 @@ def restore_checkpoint(
     scheduler.load_state_dict({**checkpoint.state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     _restore_rng(load_file(str(checkpoint.path / "rng.safetensors")), checkpoint.state["rng"])
     return checkpoint.state["progress"]
+
+
+def load_method_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The method state a checkpoint holds ({} when the method keeps none)."""
+    path = checkpoint.path / METHOD_STATE
+    return load_file(str(path)) if path.is_file() else {}

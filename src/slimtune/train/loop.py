@@ -3,7 +3,8 @@
 Per optimizer step: take `grad_accum` micro-batches, count their labelled tokens N, backpropagate
 sum-CE / N for each (so every response token weighs the same however the tokens fall into
 micro-batches), add the method's extra loss if it has one (logged separately), clip the global
-gradient norm, step AdamW and the schedule, then call the method's `on_step_end` hook.
+gradient norm, step AdamW and the schedule, then call the method's `on_step_end` hook (before the
+gradients are cleared).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from slimtune.config import TrainSettings
 from slimtune.data import Dataset, Encoded, pad_batch
 from slimtune.methods.base import AttachedMethod
 from slimtune.errors import OutputWriteError, SlimtuneError
-from slimtune.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
+from slimtune.train.checkpoint import Checkpoint, load_method_state, restore_checkpoint, save_checkpoint
 from slimtune.train.loss import response_loss_sum
 from slimtune.train.metrics import MetricsLog
 from slimtune.train.optim8bit import build_optimizer
@@ -156,6 +157,7 @@ def run_training(
     first_step, tokens_seen, examples_seen, skipped, previous_elapsed = 1, 0, 0, 0, 0.0
     if resume_from is not None:
         progress_state = restore_checkpoint(resume_from, named, optimizer, scheduler)
+        method.load_state_tensors(load_method_state(resume_from))
         first_step = resume_from.step + 1
         tokens_seen, examples_seen = progress_state["tokens"], progress_state["examples"]
         skipped, previous_elapsed = progress_state["skipped"], progress_state["elapsed_s"]
@@ -176,7 +178,7 @@ def run_training(
                           "elapsed_s": previous_elapsed + time.perf_counter() - started}
         try:
             return save_checkpoint(checkpoint_dir, step, named, optimizer, scheduler, progress_state,
-                                   config_snapshot or {}, settings.keep_checkpoints)
+                                   config_snapshot or {}, settings.keep_checkpoints, method.state_tensors())
         except OSError as exc:
             raise OutputWriteError(
                 f"could not write a checkpoint to {checkpoint_dir} at step {step} ({exc.strerror or exc}); "
@@ -224,8 +226,9 @@ def run_training(
             else:
                 skipped += 1
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            # Before zero_grad: AdaLoRA's importance scores read the gradients of this step.
             hook_metrics = method.on_step_end(step, steps) if finite else {}
+            optimizer.zero_grad(set_to_none=True)
             if finite:
                 loss_value = step_loss
             elapsed = previous_elapsed + time.perf_counter() - started

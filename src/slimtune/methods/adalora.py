@@ -1,0 +1,310 @@
+"""AdaLoRA: adaptive rank allocation for low-rank updates (Zhang et al., 2023, arXiv:2303.10512).
+
+Each adapted weight W (d_out, d_in) gets an update in SVD form,
+
+    Delta W = s * P Lambda Q,     P (d_out, r), Lambda = diag(lambda) (r,), Q (r, d_in),   s = alpha / r0,
+
+with P, Q Gaussian (std 0.02) and lambda = 0, so training starts from the base model exactly. The
+paper's names map onto PEFT's file keys: P = `lora_B`, Q = `lora_A`, lambda = `lora_E` (stored (r, 1)).
+s uses the initial rank r0 for every layer and stays fixed when triplets are pruned.
+
+A global budget of kept triplets (P_:,i, lambda_i, Q_i,:) moves to the matrices that matter:
+- sensitivity of every entry, I = |theta * grad|, smoothed Ibar <- b1 Ibar + (1 - b1) I, with the
+  uncertainty Ubar <- b2 Ubar + (1 - b2) |I - Ibar|, and the score s = Ibar * Ubar (eq. 8-10);
+- triplet importance S_i = s(lambda_i) + mean_j s(P_ji) + mean_j s(Q_ij) (eq. 11);
+- the budget b(t) (eq. 12, `budget_at`): b0 = r0 * n for the first t_init steps, then cubic decay to
+  b_T = target_r * n at step T - t_final, fixed afterwards;
+- every `delta_t` steps the lambdas of the triplets outside the top b(t) are set to zero; from step
+  T - t_final on the final allocation is frozen and re-applied after every step.
+The orthogonality regulariser R = ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (eq. 4) keeps P and Q close to
+orthonormal, so that zeroing lambda_i removes one direction; its mean over the adapted layers, times
+`orth_reg`, is the extra loss the training loop adds and logs.
+
+Everything runs from the method interface: the loop adds `extra_loss()` and calls `on_step_end()` after
+each optimizer step (gradients still present), so there is nothing for the user to call. Scores and
+masking follow PEFT's `RankAllocator` exactly (tested against it); the step count is 1-based, so the
+last step of a run with t_final = 0 applies the target budget.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimtune.errors import AdapterError
+from slimtune.methods.base import AttachedMethod
+from slimtune.methods.lora import AdapterLayer, _set_submodule, drop_elements, freeze_layer, lora_layers
+from slimtune.methods.targets import linear_layers, resolve_targets
+
+
+class SVDLinear(AdapterLayer):
+    """A frozen linear layer plus `s * P diag(lambda) Q` (PEFT's `lora_B`, `lora_E`, `lora_A`)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 initial_rank: int | None = None) -> None:
+        super().__init__(base_layer)
+        if r < 0 or alpha <= 0 or not 0.0 <= dropout < 1.0:
+            raise AdapterError(f"AdaLoRA needs r >= 0, alpha > 0 and 0 <= dropout < 1; got r={r}, alpha={alpha}, "
+                               f"dropout={dropout}")
+        if r > min(base_layer.in_features, base_layer.out_features):
+            raise AdapterError(
+                f"AdaLoRA rank {r} exceeds the layer size ({base_layer.out_features} x {base_layer.in_features}): "
+                f"use adalora.init_r <= {min(base_layer.in_features, base_layer.out_features)}"
+            )
+        self.alpha = alpha
+        self.initial_rank = initial_rank if initial_rank is not None else r  # r0: fixes the scale
+        self.scaling = alpha / self.initial_rank if self.initial_rank else 0.0
+        self.dropout = dropout
+        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, **factory))  # Q (r, d_in)
+        self.lora_E = nn.Parameter(torch.empty(r, 1, **factory))  # lambda (r, 1)
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, r, **factory))  # P (d_out, r)
+        # Triplets kept by the latest rank allocation (all until the first); the saved adapter holds these.
+        self.register_buffer("kept", torch.ones(r, dtype=torch.bool, device=factory["device"]), persistent=False)
+        self.reset_parameters()
+
+    @property
+    def r(self) -> int:
+        return self.lora_E.shape[0]
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.lora_A, std=0.02)
+        nn.init.zeros_(self.lora_E)
+        nn.init.normal_(self.lora_B, std=0.02)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s P diag(lambda) Q, shape (d_out, d_in), fp32."""
+        return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling
+
+    def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """s P diag(lambda) Q x in `out`'s dtype; (lambda * Q) is r x d_in, formed once per call."""
+        if self.r == 0:
+            return torch.zeros_like(out)
+        scale = self.scaling
+        if self.training and self.dropout > 0:
+            x = drop_elements(x, self.dropout)
+            scale = scale / (1.0 - self.dropout)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        update = nn.functional.linear(nn.functional.linear(x, self.lora_A * self.lora_E), self.lora_B)
+        return (update * scale).to(out.dtype)
+
+    def orthogonality(self) -> torch.Tensor:
+        """||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (eq. 4), fp32 scalar."""
+        eye = torch.eye(self.r, device=self.lora_A.device)
+        return ((self.lora_B.T @ self.lora_B - eye).pow(2).sum()
+                + (self.lora_A @ self.lora_A.T - eye).pow(2).sum())
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, initial_rank={self.initial_rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
+    return {path: layer for path, layer in lora_layers(model).items() if isinstance(layer, SVDLinear)}
+
+
+def attach_adalora(model: nn.Module, targets: str | Sequence[str], init_r: int, alpha: float,
+                   dropout: float = 0.0) -> list[str]:
+    """Freeze `model` and wrap the targeted linear layers in `SVDLinear` of rank `init_r`; returns their paths."""
+    if lora_layers(model):
+        raise AdapterError("the model already has adapter layers; load a fresh base model to attach AdaLoRA")
+    paths = resolve_targets(model, targets)
+    layers = linear_layers(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for path in paths:
+        freeze_layer(layers[path])
+        _set_submodule(model, path, SVDLinear(layers[path], init_r, alpha, dropout))
+    return paths
+
+
+def budget_at(step: int, initial: int, target: int, tinit: int, tfinal: int, total: int) -> tuple[int, bool]:
+    """The rank budget b(t) after optimizer step `step` (1-based) and whether this step is in the
+    cubic-decay phase (where masking happens every delta_t steps).
+
+        b(t) = b0                                                  t <= t_init
+             = b_T + (b0 - b_T) (1 - (t - t_init) / (T - t_init - t_final))^3,   rounded down
+             = b_T                                                 t > T - t_final
+    """
+    if step <= tinit:
+        return initial, False
+    if step > total - tfinal:
+        return target, False
+    progress = 1 - (step - tinit) / (total - tfinal - tinit)
+    return int((initial - target) * progress ** 3 + target), True
+
+
+@dataclass
+class RankAllocator:
+    """Importance scores and masking (see the module docstring); keyed by `<layer path>.lora_A` etc."""
+
+    beta1: float
+    beta2: float
+    sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)  # Ibar
+    uncertainty: dict[str, torch.Tensor] = field(default_factory=dict)  # Ubar
+
+    @torch.no_grad()
+    def update(self, named: Mapping[str, nn.Parameter]) -> None:
+        """One EMA step of Ibar and Ubar from the parameters and their current gradients."""
+        for name, param in named.items():
+            if param.grad is None:
+                continue
+            ipt = (param * param.grad).abs()
+            if name not in self.sensitivity:
+                self.sensitivity[name] = torch.zeros_like(param)
+                self.uncertainty[name] = torch.zeros_like(param)
+            ibar = self.sensitivity[name].mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)
+            self.uncertainty[name].mul_(self.beta2).add_((ipt - ibar).abs_(), alpha=1 - self.beta2)
+
+    def score(self, name: str) -> torch.Tensor:
+        return self.sensitivity[name] * self.uncertainty[name]
+
+    def triplet_importance(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
+        """S_i per layer, shape (r,): s(lambda_i) + mean over Q's row i + mean over P's column i."""
+        # Summed in PEFT's order, E + (Q part + P part), so masking decisions agree with it exactly.
+        return {path: (self.score(f"{path}.lora_E").view(-1)
+                       + (self.score(f"{path}.lora_A").mean(dim=1) + self.score(f"{path}.lora_B").mean(dim=0)))
+                for path in paths}
+
+    def reset(self) -> None:
+        self.sensitivity.clear()
+        self.uncertainty.clear()
+
+
+def keep_masks(importance: Mapping[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
+    """Which triplets to keep so that `budget` remain: the ones scoring above the (total - budget)-th
+    smallest importance (ties at the threshold are dropped, as in PEFT)."""
+    scores = torch.cat([value.view(-1) for value in importance.values()])
+    drop = scores.numel() - budget
+    if drop <= 0:
+        return {path: torch.ones_like(value, dtype=torch.bool) for path, value in importance.items()}
+    threshold = torch.kthvalue(scores, drop).values
+    return {path: value > threshold for path, value in importance.items()}
+
+
+@dataclass
+class AdaLoRASchedule:
+    """The resolved step numbers of a run: t_init, t_final, T, delta_t."""
+
+    tinit: int
+    tfinal: int
+    total: int
+    delta_t: int
+
+    @classmethod
+    def resolve(cls, total: int, tinit: int | None, tfinal: int | None, delta_t: int) -> "AdaLoRASchedule":
+        """Defaults: t_init = 10% and t_final = 20% of the steps. The budget phase must keep >= 1 step."""
+        tinit = int(0.1 * total) if tinit is None else tinit
+        tfinal = int(0.2 * total) if tfinal is None else tfinal
+        if tinit >= total - tfinal:
+            raise AdapterError(
+                f"adalora.tinit={tinit} and adalora.tfinal={tfinal} leave no budget phase in a run of {total} steps "
+                f"(need tinit < steps - tfinal): lower them or train for more steps"
+            )
+        return cls(tinit, tfinal, total, delta_t)
+
+
+class AdaLoRAMethod(AttachedMethod):
+    """AdaLoRA attached to a model: trains P, lambda, Q; regularises and reallocates rank by itself."""
+
+    def __init__(self, model: nn.Module, init_r: int, target_r: int, tinit: int | None, tfinal: int | None,
+                 delta_t: int, beta1: float, beta2: float, orth_reg: float) -> None:
+        super().__init__("adalora", model)
+        self.layers = svd_layers(model)
+        if not self.layers:
+            raise AdapterError("AdaLoRA found no SVD layers: call attach_adalora(model, ...) first")
+        self.init_r, self.target_r = init_r, target_r
+        self.tinit, self.tfinal, self.delta_t = tinit, tfinal, delta_t
+        self.orth_reg = orth_reg
+        self.allocator = RankAllocator(beta1, beta2)
+        self.initial_budget = sum(layer.r for layer in self.layers.values())
+        self.target_budget = target_r * len(self.layers)
+        self.allocated = False  # an allocation has happened (each layer's `kept` says what it kept)
+        self.final = False  # the allocation is frozen (step >= T - t_final)
+        self.named = {f"{path}.{key}": getattr(layer, key)
+                      for path, layer in self.layers.items() for key in ("lora_A", "lora_E", "lora_B")}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.named.values())
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """orth_reg * mean over layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2."""
+        if self.orth_reg == 0:
+            return None
+        total = sum(layer.orthogonality() for layer in self.layers.values())
+        return self.orth_reg * total / len(self.layers)
+
+    def schedule(self, total_steps: int) -> AdaLoRASchedule:
+        return AdaLoRASchedule.resolve(total_steps, self.tinit, self.tfinal, self.delta_t)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """After optimizer step `step` (gradients still set): update scores, then mask to the budget."""
+        plan = self.schedule(total_steps)
+        end_of_budget_phase = plan.total - plan.tfinal
+        if step < end_of_budget_phase:
+            self.allocator.update(self.named)
+            budget, decaying = budget_at(step, self.initial_budget, self.target_budget, plan.tinit, plan.tfinal,
+                                         plan.total)
+            if decaying and step % plan.delta_t == 0:
+                self._mask(budget)
+        elif step == end_of_budget_phase:
+            budget = self.target_budget
+            self._mask(budget)
+            self.final = True
+            self.allocator.reset()
+        else:
+            budget = self.target_budget
+            self._apply_masks()
+        return {"budget": budget, "rank": self.kept_rank()}
+
+    def _mask(self, budget: int) -> None:
+        masks = keep_masks(self.allocator.triplet_importance(list(self.layers)), budget)
+        for path, keep in masks.items():
+            self.layers[path].kept.copy_(keep)
+        self.allocated = True
+        self._apply_masks()
+
+    def _apply_masks(self) -> None:
+        for layer in self.layers.values():
+            layer.lora_E.masked_fill_(~layer.kept.view(-1, 1), 0.0)
+
+    def kept_rank(self) -> int:
+        """Triplets kept by the latest allocation (the initial budget before the first one)."""
+        return sum(int(layer.kept.sum()) for layer in self.layers.values())
+
+    def final_ranks(self) -> dict[str, int]:
+        """Kept rank per adapted layer path."""
+        return {path: int(layer.kept.sum()) for path, layer in self.layers.items()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = {f"kept.{path}": layer.kept for path, layer in self.layers.items()}
+        state.update({f"sensitivity.{name}": value for name, value in self.allocator.sensitivity.items()})
+        state.update({f"uncertainty.{name}": value for name, value in self.allocator.uncertainty.items()})
+        state["flags"] = torch.tensor([self.allocated, self.final])
+        return state
+
+    def load_state_tensors(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.allocator.reset()
+        for key, value in state.items():
+            kind, _, name = key.partition(".")
+            if kind == "kept":
+                self.layers[name].kept.copy_(value)
+            elif kind in ("sensitivity", "uncertainty"):
+                getattr(self.allocator, kind)[name] = value.to(self.layers[name.rsplit(".", 1)[0]].kept.device).clone()
+        self.allocated, self.final = (bool(flag) for flag in state["flags"])
+
+
+def parse_rank_pattern(rank_pattern: Mapping[str, Sequence[bool]]) -> dict[str, list[bool]]:
+    """PEFT's saved `rank_pattern` ({'<path>.lora_E': [kept, ...]}) as {path: [kept, ...]}."""
+    parsed = {}
+    for key, kept in rank_pattern.items():
+        path = re.sub(r"\.lora_E(\.[^.]+)?$", "", key)
+        if path == key or not isinstance(kept, list) or not all(isinstance(k, bool) for k in kept):
+            raise AdapterError(f"rank_pattern entry {key!r}: expected '<module path>.lora_E' -> a list of true/false")
+        parsed[path] = kept
+    return parsed
