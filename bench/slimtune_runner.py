@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> dict:
                   "packing": args.packing, "grad_checkpointing": args.grad_checkpointing,
                   "log_every": 10, "optimizer": args.optimizer, "save_every": None},
         **({"quantize": args.quantize} if args.quantize != "none" else {}),
+        # AdaLoRA at LoRA's initial rank and scale (alpha / init_r = 32 / 16), pruned to an average of 8.
+        **({"adalora": {"init_r": 16, "target_r": 8}} if args.method == "adalora" else {}),
     })
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -86,7 +88,7 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="train.packing=true (default: padded, length-grouped)")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
-    parser.add_argument("--method", default="lora", choices=["lora", "dora"])
+    parser.add_argument("--method", default="lora", choices=["lora", "dora", "adalora"])
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)

@@ -41,6 +41,7 @@ CONFIGS: dict[str, list[str]] = {
     "slimtune-ckpt": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing"],
     "slimtune-8bit-adam": [str(HERE / "slimtune_runner.py"), "--optimizer", "adamw8bit"],
     "slimtune-dora": [str(HERE / "slimtune_runner.py"), "--method", "dora"],
+    "slimtune-adalora": [str(HERE / "slimtune_runner.py"), "--method", "adalora"],
     "slimtune-qlora": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4"],
     "slimtune-qlora-fp32": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4", "--precision", "fp32"],
 }

@@ -187,7 +187,8 @@ def test_freeze_without_selection_and_bad_method_keys_are_reported_together():
 
 
 @pytest.mark.parametrize("name, method", [("extract.yaml", "lora"), ("extract_dora.yaml", "dora"),
-                                          ("extract_freeze.yaml", "freeze"), ("extract_full.yaml", "full")])
+                                          ("extract_freeze.yaml", "freeze"), ("extract_full.yaml", "full"),
+                                          ("extract_adalora.yaml", "adalora")])
 def test_example_configs_load_with_their_method(name, method):
     path = Path(__file__).resolve().parent.parent / "examples" / name
     cfg = load_config(path)

@@ -310,3 +310,26 @@ def test_rank_grid_lays_out_layers_and_modules():
                                      "model.layers.1.mlp.down_proj": 0, "model.layers.10.self_attn.q_proj": 2})
     assert rows == ["0", "1", "10"] and columns == ["self_attn.q_proj", "mlp.down_proj"]
     assert grid == [[3, None], [1, 0], [2, None]]
+
+
+@pytest.mark.integration
+def test_cli_trains_the_bundled_model_with_adalora(bundled_model_dir, tmp_path, monkeypatch, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from test_cli import run_cli
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "extract_adalora.yaml"
+    out = tmp_path / "run"
+    code, _, err = run_cli(monkeypatch, capsys, "train", example, f"model={bundled_model_dir}", f"output={out}",
+                           "train.max_steps=6", "train.batch_size=2", "adalora.tinit=1", "adalora.tfinal=2",
+                           "adalora.delta_t=1", "data.eval=null", "data.max_length=96")
+    assert code == 0, err[-3000:]
+    config = json.loads((out / "adapter_config.json").read_text())
+    kept = [sum(mask) for mask in config["rank_pattern"].values()]
+    assert len(kept) == 30 * 7 and sum(kept) == 4 * len(kept), "all-linear on 30 layers, pruned to target_r 4 each"
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    ours, _ = load_run(out)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(bundled_model_dir)), str(out))
+    diff = (logits(peft_model.eval(), ids) - logits(ours, ids)).abs().max().item()
+    assert diff <= 1e-4, f"PEFT must load the bundled model's AdaLoRA adapter with our logits; max abs diff {diff}"
