@@ -140,6 +140,51 @@ def chat(
         print(f"model> {reply}", flush=True)
 
 
+@app.command()
+def serve(
+    adapter: Annotated[Optional[list[str]], typer.Option(
+        "--adapter", help="NAME=RUN_DIR: serve a run's adapter as model NAME (repeatable); the directory must lie "
+                          "inside --adapter-root.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Base model: alias, HF directory, .gguf file or hub id (default: the one the adapters record).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the server to the network.")] =
+        "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="SLIMTUNE_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every route but /health (prefer the environment variable: "
+             "command lines are visible to other users).")] = None,
+    adapter_root: Annotated[Optional[Path], typer.Option(
+        help="Adapters (at startup and via /v1/load_lora_adapter) load only from inside this directory "
+             "[default: the working directory].")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="The largest max_tokens a request may ask for.")] = 1024,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longer prompts are refused (400).")] = 4096,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Larger request bodies are refused (413).")] = 1 << 20,
+    max_concurrent: Annotated[int, typer.Option(
+        min=1, help="Prompts queued or generating at once; more are refused (429).")] = 256,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together in one forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+) -> None:
+    """Serve the base model and adapters with an OpenAI-compatible API (chat and text completions,
+    streaming, adapters loaded and unloaded at run time); requests for different adapters share batches."""
+    from slimtune.errors import ConfigError
+    from slimtune.serve import ServeLimits
+    from slimtune.serve import serve as run_server
+
+    adapters: dict[str, str] = {}
+    for spec in adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {spec!r} must be NAME=RUN_DIR, e.g. --adapter docs=runs/docstrings")
+        if name in adapters:
+            raise ConfigError(f"--adapter names '{name}' twice: give each adapter its own name")
+        adapters[name] = path
+    limits = ServeLimits(max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
+                         max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                         max_concurrent=max_concurrent, max_batch=max_batch)
+    run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 2."""
     try:

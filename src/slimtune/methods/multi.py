@@ -9,7 +9,8 @@ adapter uses any more gets its plain `nn.Linear` back).
 Per-row selection: inside `with adapters.per_row(["a", None, "b"]):` row i of the batch goes
 through adapter names[i] (None: the base model), which equals running each row alone with that
 adapter active. Each layer computes the base output once for the whole batch and adds each adapter's
-update only to its rows.
+update only to its rows. The rows of each adapter are grouped once per `per_row` block (`RowGroups`),
+not in every layer, since a server runs one block per decode step through every adapted layer.
 
 Deliberately left out: training several adapters at once, and merging (merge one adapter with
 `slimtune.api.merge_run` on its own directory); `merge_lora` and friends skip adapters held here.
@@ -30,8 +31,27 @@ from slimtune.methods.lora import DoRALinear, LoRALinear, _set_submodule, patter
 from slimtune.methods.targets import linear_layers
 
 
+class RowGroups:
+    """Which batch rows use which adapter: built once per `per_row` block, shared by every layer.
+
+    `uniform` is the one name every row uses (None: the base model) when the batch is not mixed; then
+    layers take the whole batch at once, exactly as with `set_active`. Otherwise `groups` maps each
+    adapter name to the LongTensor of its row indices.
+    """
+
+    def __init__(self, names: Sequence[str | None], device: torch.device) -> None:
+        self.rows = len(names)
+        distinct = list(dict.fromkeys(names))
+        self.mixed = len(distinct) > 1
+        self.uniform: str | None = distinct[0] if len(distinct) == 1 else None
+        self.groups: dict[str, torch.Tensor] = {
+            name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
+            for name in distinct if name is not None
+        } if self.mixed else {}
+
+
 class MultiAdapterLinear(nn.Module):
-    """A frozen `nn.Linear` with named adapters; `active` (or `row_adapters`, per batch row) picks them."""
+    """A frozen `nn.Linear` with named adapters; `active` (or `row_groups`, per batch row) picks them."""
 
     holds_many_adapters = True  # `lora.lora_layers` skips these adapters: never merged into the shared W
 
@@ -40,7 +60,7 @@ class MultiAdapterLinear(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()  # name -> LoRALinear / DoRALinear sharing `base_layer`
         self.active: str | None = None
-        self.row_adapters: list[str | None] | None = None
+        self.row_groups: RowGroups | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -48,16 +68,20 @@ class MultiAdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.row_adapters is None:
-            if self.active is None or self.active not in self.adapters:
+        groups = self.row_groups
+        if groups is None or not groups.mixed:
+            name = self.active if groups is None else groups.uniform
+            if groups is not None and groups.rows != x.shape[0]:
+                raise AdapterError(f"per_row got {groups.rows} adapter names for a batch of {x.shape[0]} rows")
+            if name is None or name not in self.adapters:
                 return out
-            return out + self.adapters[self.active].update(x, out)
-        if len(self.row_adapters) != x.shape[0]:
-            raise AdapterError(f"per_row got {len(self.row_adapters)} adapter names for a batch of {x.shape[0]} rows")
+            return out + self.adapters[name].update(x, out)
+        if groups.rows != x.shape[0]:
+            raise AdapterError(f"per_row got {groups.rows} adapter names for a batch of {x.shape[0]} rows")
         result = out.clone()
-        for name in dict.fromkeys(n for n in self.row_adapters if n is not None and n in self.adapters):
-            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
-            result[rows] = out[rows] + self.adapters[name].update(x[rows], out[rows])
+        for name, rows in groups.groups.items():
+            if name in self.adapters:
+                result[rows] = out[rows] + self.adapters[name].update(x[rows], out[rows])
         return result
 
 
@@ -84,13 +108,11 @@ class AdapterSet:
         config, paths, tensors = read_lora_adapter(self.model, adapter_dir, self.base_layers)
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         layer_class = DoRALinear if config.get("use_dora") else LoRALinear
-        multi = self._multi_layers()
+        # Every layer is built (and so checked: rank, alpha) before the model changes, so a bad adapter
+        # leaves the set exactly as it was.
+        built: dict[str, nn.Module] = {}
         for path in paths:
             base = self.base_layers[path]
-            if path not in multi:
-                multi[path] = MultiAdapterLinear(base)
-                multi[path].active = self.active
-                _set_submodule(self.model, path, multi[path])
             layer = layer_class(base, int(pattern_value(config.get("rank_pattern") or {}, path, r)),
                                 float(pattern_value(config.get("alpha_pattern") or {}, path, alpha)),
                                 rslora=bool(config.get("use_rslora")))
@@ -99,7 +121,14 @@ class AdapterSet:
                     if not key.startswith("base_layer."):
                         param.copy_(tensors[f"{path}.{key}"].to(param.dtype))
             layer.requires_grad_(False)
-            multi[path].adapters[name] = layer.to(base.weight.device).eval()
+            built[path] = layer.to(base.weight.device).eval()
+        multi = self._multi_layers()
+        for path, layer in built.items():
+            if path not in multi:
+                multi[path] = MultiAdapterLinear(self.base_layers[path])
+                multi[path].active = self.active
+                _set_submodule(self.model, path, multi[path])
+            multi[path].adapters[name] = layer
         self.names.append(name)
 
     def set_active(self, name: str | None) -> None:
@@ -127,13 +156,14 @@ class AdapterSet:
         if unknown:
             raise AdapterError(f"per_row names unknown adapters {unknown}: loaded are {', '.join(self.names) or '(none)'}")
         layers = list(self._multi_layers().values())
+        groups = RowGroups(names, next(iter(self.base_layers.values())).weight.device)
         for layer in layers:
-            layer.row_adapters = list(names)
+            layer.row_groups = groups
         try:
             yield
         finally:
             for layer in layers:
-                layer.row_adapters = None
+                layer.row_groups = None
 
     def delete(self, name: str) -> None:
         """Remove adapter `name`; layers left without adapters become plain `nn.Linear` again."""

@@ -1,0 +1,316 @@
+"""The HTTP routes: OpenAI's chat and text completions (streamed as server-sent events or not), the
+model list, vLLM's adapter load / unload, and a health check.
+
+A route checks the request completely (model name, fields, limits) before anything is queued, then
+hands one `Generation` per prompt to the engine and turns the engine's events into the response. A
+stream sends `data: {chunk}` lines, the last chunk of each choice with its `finish_reason`, then
+`data: [DONE]`; a client that disconnects cancels its generation at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from slimtune.data.render import ChatRenderer
+from slimtune.serve import schemas
+from slimtune.serve.engine import Delta, Engine, Event, Failed, Finished, Generation
+from slimtune.serve.errors import APIError, error_body
+from slimtune.serve.registry import AdapterRegistry
+from slimtune.serve.sampling import SamplingParams
+from slimtune.serve.security import APIKeyMiddleware, BodyLimitMiddleware, ServeLimits
+
+log = logging.getLogger("slimtune.serve")
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share; `inflight` counts prompts queued or being generated."""
+
+    engine: Engine
+    registry: AdapterRegistry
+    tokenizer: object
+    base_name: str
+    limits: ServeLimits
+    context_length: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    inflight: int = 0
+
+    def adapter_for(self, model: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model), or 404."""
+        if model == self.base_name:
+            return None
+        if model in self.registry.paths:
+            return model
+        offered = ", ".join([self.base_name, *self.registry.paths])
+        raise APIError(404, f"model {model!r} does not exist: this server offers {offered}", param="model",
+                       code="model_not_found")
+
+    def sampling(self, body: schemas._Sampling, longest_prompt: int, prompt_param: str) -> SamplingParams:
+        """The request's generation settings, checked against the server's limits and the model's context."""
+        body.check_supported()
+        limits = self.limits
+        if longest_prompt == 0:
+            raise APIError(400, "the prompt is empty: send at least one token of text", param=prompt_param)
+        if longest_prompt > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {longest_prompt} tokens, over this server's limit of "
+                                f"{limits.max_prompt_tokens}: shorten it", param=prompt_param, code="prompt_too_long")
+        requested = body.requested_max_tokens()
+        if requested is not None and requested > limits.max_tokens:
+            raise APIError(400, f"max_tokens={requested} is over this server's limit of {limits.max_tokens}: "
+                                "ask for fewer", param="max_tokens")
+        max_tokens = requested if requested is not None else limits.default_max_tokens
+        if longest_prompt + max_tokens > self.context_length:
+            if requested is not None:
+                raise APIError(400, f"the prompt ({longest_prompt} tokens) plus max_tokens={requested} exceed the "
+                                    f"model's context of {self.context_length} tokens: lower max_tokens or shorten "
+                                    "the prompt", param="max_tokens")
+            max_tokens = self.context_length - longest_prompt  # no explicit ask: fit the context
+            if max_tokens < 1:
+                raise APIError(400, f"the prompt ({longest_prompt} tokens) fills the model's context of "
+                                    f"{self.context_length} tokens: shorten it", param=prompt_param)
+        stop = body.stop_strings()
+        if len(stop) > limits.max_stop:
+            raise APIError(400, f"{len(stop)} stop strings given; at most {limits.max_stop} are allowed", param="stop")
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                              top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
+                              ignore_eos=body.ignore_eos)
+
+
+class Submission:
+    """The prompts of one request, queued on the engine; `events()` yields what the engine sends back."""
+
+    def __init__(self, state: ServerState, prompts: list[list[int]], adapter: str | None, params: SamplingParams
+                 ) -> None:
+        if state.inflight + len(prompts) > state.limits.max_concurrent:
+            raise APIError(429, f"the server is busy ({state.inflight} prompts in flight, limit "
+                                f"{state.limits.max_concurrent}): retry shortly", code="too_many_requests")
+        self.state = state
+        self.events_queue: asyncio.Queue[Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def sink(event: Event) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(self.events_queue.put_nowait, event)
+
+        self.generations = [Generation(ids, adapter, params, sink, index) for index, ids in enumerate(prompts)]
+        self.prompt_tokens = sum(len(ids) for ids in prompts)
+        state.inflight += len(prompts)
+        self.closed = False
+        for generation in self.generations:
+            state.engine.submit(generation)
+
+    async def events(self) -> AsyncIterator[Event]:
+        remaining = len(self.generations)
+        while remaining:
+            event = await self.events_queue.get()
+            if isinstance(event, (Finished, Failed)):
+                remaining -= 1
+            yield event
+
+    def close(self) -> None:
+        """Cancel whatever is still generating (a disconnect, an error) and free the request's slots."""
+        if not self.closed:
+            self.closed = True
+            for generation in self.generations:
+                generation.cancel()
+            self.state.inflight -= len(self.generations)
+
+
+async def _collect(submission: Submission) -> tuple[list[str], list[str], int]:
+    """(text per choice, finish_reason per choice, completion tokens) of a finished submission."""
+    count = len(submission.generations)
+    texts, reasons, completion = [""] * count, [""] * count, 0
+    try:
+        async for event in submission.events():
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Delta):
+                texts[event.index] += event.text
+            else:
+                reasons[event.index] = event.reason
+                completion += event.completion_tokens
+    finally:
+        submission.close()
+    return texts, reasons, completion
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _stream(submission: Submission, chunk: Callable[[int, str | None, str | None], dict],
+                  opening: list[dict], usage_chunk: Callable[[int], dict] | None) -> AsyncIterator[str]:
+    """Server-sent events of a submission: the `opening` chunks, one `chunk(index, text, finish_reason)`
+    per piece of text and per finished choice, the usage chunk if asked for, then [DONE]."""
+    completion = 0
+    try:
+        for payload in opening:
+            yield _sse(payload)
+        async for event in submission.events():
+            if isinstance(event, Delta):
+                yield _sse(chunk(event.index, event.text, None))
+            elif isinstance(event, Finished):
+                completion += event.completion_tokens
+                yield _sse(chunk(event.index, None, event.reason))
+            else:  # the stream has started, so the error travels inside it, as OpenAI's API does
+                yield _sse(event.error.body())
+        if usage_chunk is not None:
+            yield _sse(usage_chunk(completion))
+        yield _sse("[DONE]")
+    finally:
+        submission.close()
+
+
+def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
+    """The ASGI app serving `state`; the engine thread runs while the app does (its lifespan)."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        state.engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.engine.stop)
+
+    app = FastAPI(title="slimtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    app.add_middleware(BodyLimitMiddleware, limit=state.limits.max_body_bytes)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)  # added last, so it runs first
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            message = f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}; send a JSON object"
+            return JSONResponse(error_body(400, message, code="invalid_json"), status_code=400)
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        got = f" (got {first['input']!r})" if "input" in first and first.get("type") != "missing" else ""
+        return JSONResponse(error_body(400, f"{param or 'body'}: {first.get('msg')}{got}", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    def model_card(name: str, parent: str | None, root: str) -> dict:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "slimtune", "root": root,
+                "parent": parent}
+
+    def model_cards() -> list[dict]:
+        return [model_card(state.base_name, None, state.base_name), *(
+            model_card(name, state.base_name, str(path.relative_to(state.registry.root)))
+            for name, path in state.registry.paths.items())]
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> dict:
+        state.adapter_for(model_id)  # 404 for an unknown name
+        return next(card for card in model_cards() if card["id"] == model_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: schemas.ChatCompletionRequest):
+        adapter = state.adapter_for(body.model)
+        prompt = ChatRenderer(state.tokenizer).encode_prompt(body.conversation())  # as `slimtune generate` does
+        params = state.sampling(body, len(prompt), "messages")
+        submission = Submission(state, [prompt], adapter, params)
+        request_id = schemas.new_id("chatcmpl")
+        if not body.stream:
+            texts, reasons, completion = await _collect(submission)
+            return schemas.chat_completion(request_id, body.model, texts, reasons,
+                                           schemas.usage(submission.prompt_tokens, completion))
+        created = int(time.time())
+
+        def chunk(index: int, text: str | None, reason: str | None) -> dict:
+            delta = {} if text is None else {"content": text}
+            return schemas.chat_chunk(request_id, body.model, created, index, delta, reason)
+
+        opening = [schemas.chat_chunk(request_id, body.model, created, 0, {"role": "assistant", "content": ""}, None)]
+        return StreamingResponse(_stream(submission, chunk, opening, _usage_chunk(body, submission, request_id,
+                                                                                 "chat.completion.chunk", created)),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(body: schemas.CompletionRequest):
+        adapter = state.adapter_for(body.model)
+        prompts = _completion_prompts(body.prompt, state.tokenizer)
+        params = state.sampling(body, max(len(p) for p in prompts), "prompt")
+        submission = Submission(state, prompts, adapter, params)
+        request_id = schemas.new_id("cmpl")
+        if not body.stream:
+            texts, reasons, completion = await _collect(submission)
+            return schemas.text_completion(request_id, body.model, texts, reasons,
+                                           schemas.usage(submission.prompt_tokens, completion))
+        created = int(time.time())
+
+        def chunk(index: int, text: str | None, reason: str | None) -> dict:
+            return schemas.text_chunk(request_id, body.model, created, index, text or "", reason)
+
+        return StreamingResponse(_stream(submission, chunk, [], _usage_chunk(body, submission, request_id,
+                                                                             "text_completion", created)),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(body: schemas.LoadAdapterRequest) -> dict:
+        registry = state.registry
+        path = await asyncio.wrap_future(state.engine.call(lambda: registry.load(body.lora_name, body.lora_path)))
+        log.info("loaded adapter '%s' from %s", body.lora_name, path)
+        return {"object": "lora_adapter", "id": body.lora_name, "parent": state.base_name,
+                "message": f"Success: LoRA adapter '{body.lora_name}' added successfully."}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(body: schemas.UnloadAdapterRequest) -> dict:
+        engine, registry = state.engine, state.registry
+        await asyncio.wrap_future(engine.call(lambda: registry.unload(body.lora_name, engine.users(body.lora_name))))
+        log.info("unloaded adapter '%s'", body.lora_name)
+        return {"object": "lora_adapter", "id": body.lora_name, "deleted": True,
+                "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
+
+    return app
+
+
+def _usage_chunk(body: schemas._Sampling, submission: Submission, request_id: str, obj: str, created: int
+                 ) -> Callable[[int], dict] | None:
+    """With `stream_options.include_usage`, the builder of a stream's closing usage chunk."""
+    if not (body.stream_options and body.stream_options.include_usage):
+        return None
+    return lambda completion: schemas.usage_chunk(request_id, body.model, created, obj,
+                                                  schemas.usage(submission.prompt_tokens, completion))
+
+
+def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
+    """Token ids of each prompt of a text completion request (text gets the tokenizer's special tokens)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is an empty list: send a string or a list of strings", param="prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    prompts = []
+    for item in prompt:
+        ids = list(tokenizer(item)["input_ids"]) if isinstance(item, str) else list(item)
+        if any(not 0 <= t < len(tokenizer) for t in ids):
+            raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{len(tokenizer) - 1})",
+                           param="prompt")
+        prompts.append(ids)
+    return prompts

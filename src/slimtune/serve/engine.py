@@ -1,0 +1,278 @@
+"""The decode loop: one thread owns the model and generates for every request at once.
+
+Requests (`Generation`) are queued from the web server's thread. Each turn of the loop
+1. runs queued commands (adapter load / unload) and takes queued requests,
+2. admits waiting requests while the batch has room: their prompts are prefilled together in one
+   left-padded forward pass (each row with its own adapter), which fills their KV cache and gives each
+   its first token; those rows then join the decode batch (continuous batching);
+3. decodes one token for every row of the batch in one forward pass over the KV cache, row i using
+   adapter names[i] (`AdapterSet.per_row`), and drops the rows that finished or were cancelled.
+So requests for different adapters and for the base model share every forward pass, and a new
+request waits at most one decode step before its prefill.
+
+Results go back through each request's `sink` as `Delta` / `Finished` / `Failed` events, called on
+this thread; the web server turns them into responses. A failing forward pass fails the requests in
+it (500) and the loop goes on with an empty batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slimtune.methods.multi import AdapterSet
+from slimtune.serve.detokenize import TextStream
+from slimtune.serve.errors import APIError
+from slimtune.serve.kvbatch import DecodeBatch, new_cache, prefill_inputs
+from slimtune.serve.sampling import SamplingParams, make_generator, next_tokens
+
+log = logging.getLogger("slimtune.serve")
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New reply text of prompt `index` of a request."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Prompt `index` is done: `reason` is 'stop' (EOS or a stop string) or 'length' (max_tokens)."""
+
+    index: int
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Prompt `index` could not be finished."""
+
+    index: int
+    error: APIError
+
+
+Event = Delta | Finished | Failed
+
+
+class Generation:
+    """One prompt to complete: what it asks for, where its events go, and its decoding state."""
+
+    def __init__(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
+                 sink: Callable[[Event], None], index: int = 0) -> None:
+        self.prompt_ids = prompt_ids
+        self.adapter = adapter  # None: the base model
+        self.params = params
+        self.sink = sink
+        self.index = index
+        self.cancelled = False  # set from the web server's thread; read by the engine between steps
+        self.generator = make_generator(params.seed)
+        self.completion_tokens = 0
+        self.last_token = -1
+        self.text: TextStream | None = None  # made by the engine, which holds the tokenizer
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def send(self, event: Event) -> None:
+        try:
+            self.sink(event)
+        except RuntimeError:  # the receiving event loop has closed: nobody is waiting any more
+            self.cancelled = True
+
+
+class _Command:
+    """A function to run on the engine thread between steps (it owns the model), with its result."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.future: Future = Future()
+
+    def run(self) -> None:
+        try:
+            self.future.set_result(self.fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who decides
+            self.future.set_exception(exc)
+
+
+_STOP = object()
+
+
+class Engine:
+    """Owns `model` (with `adapters`) on one thread and decodes all requests together."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, adapters: AdapterSet, max_batch: int = 64,
+                 prefill_tokens: int = 4096) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens
+        new_cache(model.config)  # refuses models whose cache cannot be batched this way
+        self.device = next(model.parameters()).device
+        self.eos_id = tokenizer.eos_token_id  # the same stop token `slimtune generate` uses
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._work: queue.Queue = queue.Queue()
+        self._pending: deque[Generation] = deque()
+        self._rows: list[Generation] = []  # row i of `_batch`
+        self._batch = DecodeBatch()
+        self._thread: threading.Thread | None = None
+
+    # --- called from other threads ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="slimtune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fail what is still queued or running (503) and end the thread."""
+        if self._thread is not None:
+            self._work.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, generation: Generation) -> None:
+        self._work.put(generation)
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the engine thread between two steps; the future holds its result or exception."""
+        command = _Command(fn)
+        self._work.put(command)
+        return command.future
+
+    # --- the engine thread ---------------------------------------------------------------------------
+
+    def users(self, adapter: str) -> int:
+        """How many queued or running requests use `adapter` (call on the engine thread)."""
+        return sum(g.adapter == adapter and not g.cancelled for g in (*self._pending, *self._rows))
+
+    def _loop(self) -> None:
+        while self._take_work(block=not (self._rows or self._pending)):
+            group = self._admit()
+            if group:
+                try:
+                    self._prefill(group)
+                except Exception as exc:  # noqa: BLE001 - one bad prefill must not stop the server
+                    log.exception("prefill failed")
+                    self._fail(group, APIError(500, f"generation failed: {type(exc).__name__}: {exc}"))
+            if self._rows:
+                try:
+                    self._decode_step()
+                except Exception as exc:  # noqa: BLE001 - nor one bad decode step
+                    log.exception("decode step failed")
+                    self._fail(self._rows, APIError(500, f"generation failed: {type(exc).__name__}: {exc}"))
+                    self._rows, self._batch = [], DecodeBatch()
+        self._fail([*self._pending, *self._rows], APIError(503, "the server is shutting down: retry later"))
+
+    def _take_work(self, block: bool) -> bool:
+        """Run queued commands and move queued requests to `_pending`; False once asked to stop."""
+        while True:
+            try:
+                item = self._work.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is _STOP:
+                return False
+            if isinstance(item, _Command):
+                item.run()
+            else:
+                self._pending.append(item)
+
+    def _fail(self, generations: list[Generation], error: APIError) -> None:
+        for generation in generations:
+            if not generation.cancelled:
+                generation.send(Failed(generation.index, error))
+
+    def _admit(self) -> list[Generation]:
+        """Waiting requests that fit into the batch now, their prompts within the prefill budget."""
+        group: list[Generation] = []
+        tokens = 0
+        while self._pending and len(self._rows) + len(group) < self.max_batch:
+            generation = self._pending[0]
+            if generation.cancelled:
+                self._pending.popleft()
+                continue
+            if generation.adapter is not None and generation.adapter not in self.adapters.names:
+                self._pending.popleft()  # unloaded while the request waited
+                generation.send(Failed(generation.index, APIError(
+                    404, f"adapter '{generation.adapter}' was unloaded before this request started", param="model",
+                    code="model_not_found")))
+                continue
+            if group and tokens + len(generation.prompt_ids) > self.prefill_tokens:
+                break
+            tokens += len(generation.prompt_ids)
+            group.append(self._pending.popleft())
+        return group
+
+    @torch.no_grad()
+    def _prefill(self, group: list[Generation]) -> None:
+        ids, mask, positions = prefill_inputs([g.prompt_ids for g in group], self.pad_id, self.device)
+        cache = new_cache(self.model.config)
+        with self.adapters.per_row([g.adapter for g in group]):
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1]  # (rows, vocab)
+        for generation in group:
+            generation.text = TextStream(self.tokenizer, generation.params.stop)
+        alive = self._take_tokens(group, logits)
+        joining = DecodeBatch()
+        joining.add(cache, mask)
+        joining.keep(alive)
+        if alive:
+            self._batch.add(joining.cache, joining.mask)
+            self._rows.extend(group[i] for i in alive)
+
+    @torch.no_grad()
+    def _decode_step(self) -> None:
+        live = [i for i, g in enumerate(self._rows) if not g.cancelled]
+        self._batch.keep(live)
+        self._rows = [self._rows[i] for i in live]
+        if not self._rows:
+            return
+        input_ids = torch.tensor([[g.last_token] for g in self._rows], device=self.device)  # (rows, 1)
+        attention_mask, positions = self._batch.step_inputs()
+        with self.adapters.per_row([g.adapter for g in self._rows]):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                past_key_values=self._batch.cache, use_cache=True).logits[:, -1]
+        self._batch.advance(attention_mask)
+        alive = self._take_tokens(self._rows, logits)
+        self._batch.keep(alive)
+        self._rows = [self._rows[i] for i in alive]
+
+    def _take_tokens(self, rows: list[Generation], logits: torch.Tensor) -> list[int]:
+        """Pick each row's next token, send its text and, if it is done, its end; returns the rows that go on."""
+        tokens = next_tokens(logits.float(), [g.params for g in rows], [g.generator for g in rows])
+        alive: list[int] = []
+        for i, (generation, token) in enumerate(zip(rows, tokens)):
+            if generation.cancelled:
+                continue
+            generation.completion_tokens += 1
+            generation.last_token = token
+            reason = None
+            if token == self.eos_id and not generation.params.ignore_eos:
+                text, reason = generation.text.finish(), "stop"
+            else:
+                text = generation.text.push(token)
+                if generation.text.stopped:
+                    reason = "stop"
+                elif generation.completion_tokens >= generation.params.max_tokens:
+                    text, reason = text + generation.text.finish(), "length"
+            if text:
+                generation.send(Delta(generation.index, text))
+            if reason is None:
+                alive.append(i)
+            else:
+                generation.send(Finished(generation.index, reason, len(generation.prompt_ids),
+                                         generation.completion_tokens))
+        return alive

@@ -1,0 +1,105 @@
+"""The KV cache of the sequences decoded together, left-padded to one width.
+
+Layout, per attention layer: keys and values of shape (rows, kv_heads, width, head_dim) in a
+`transformers.DynamicCache`, and one mask (rows, width) with 1 where a real token is cached and 0 in
+the left padding. Row r's real tokens sit at positions 0 .. n_r - 1 (position ids count real tokens
+only), so its next position is n_r = mask[r].sum(): a row computes exactly what it would alone, the
+padding being masked out of every attention.
+
+- `prefill_inputs` left-pads new prompts into one prefill forward;
+- `add` appends the rows of such a prefill: both caches are left-padded with zeros to the wider width
+  and concatenated along the rows;
+- each decode step appends one column (every row's new token): `step_inputs`, then `advance`;
+- `keep` drops finished rows, then the left columns that only padding uses any more, so the width stays
+  the longest live sequence, not the longest one ever served.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def new_cache(config) -> DynamicCache:
+    """An empty cache for `config`'s model; refuses models with sliding-window or other special layers,
+    whose caches cannot be left-padded and merged this way."""
+    cache = DynamicCache(config=config)
+    odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if odd:
+        raise ValueError(f"the server batches full-attention models only; this model has {', '.join(odd)} cache layers")
+    return cache
+
+
+def prefill_inputs(prompts: list[list[int]], pad_id: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each (rows, longest prompt), prompts left-padded."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    # F.pad lists (left, right) pairs from the last dimension backwards.
+    pads = [0, 0] * (tensor.dim() - 1 - dim % tensor.dim()) + [missing, 0]
+    return F.pad(tensor, pads)
+
+
+class DecodeBatch:
+    """The rows being decoded: their cache and padding mask (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, width), long
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def add(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append rows from a prefill: `cache` holds (new rows, kv_heads, w, head_dim) per layer, `mask` (new rows, w)."""
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.width, mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention_mask (rows, width + 1), position_ids (rows, 1)) for one new token per row."""
+        ones = torch.ones((self.rows, 1), dtype=self.mask.dtype, device=self.mask.device)
+        return torch.cat([self.mask, ones], dim=1), self.mask.sum(-1, keepdim=True)
+
+    def advance(self, attention_mask: torch.Tensor) -> None:
+        """After the step's forward (which grew the cache by one column): that column is real in every row."""
+        self.mask = attention_mask
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (in this order); drop the left columns no kept row uses."""
+        if len(rows) == self.rows:
+            return
+        if not rows:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(dim=0).nonzero()[0])  # first column some kept row uses
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]

@@ -1,0 +1,146 @@
+"""Start a server: load the base model and the adapters, build the app, listen with uvicorn.
+
+`build_app` gives the ASGI app without listening (tests run it in their own uvicorn); `serve` is what
+`slimtune serve` calls. The base model is `model` if given, else the one every adapter records (they
+must agree). Startup adapters go through the same checks as ones loaded at run time, so they too must
+lie inside the adapter root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from slimtune.adapters import read_adapter_config
+from slimtune.errors import AdapterError, SlimtuneError
+from slimtune.methods.multi import AdapterSet
+from slimtune.models import load_model
+from slimtune.serve.app import ServerState, create_app
+from slimtune.serve.engine import Engine
+from slimtune.serve.errors import APIError
+from slimtune.serve.registry import AdapterRegistry
+from slimtune.serve.security import ServeLimits, confine_adapter_dir
+from slimtune.train.precision import resolve_device
+
+
+def base_model_of(adapters: dict[str, str], root: Path) -> str:
+    """The base model the adapters were trained on (their run config's `model`, else adapter_config.json's)."""
+    from slimtune.api import run_config
+
+    if not adapters:
+        raise SlimtuneError("no base model: pass --model NAME_OR_DIR, or at least one --adapter NAME=RUN_DIR")
+    recorded: dict[str, str] = {}
+    for name, path_text in adapters.items():
+        path = _startup_path(name, path_text, root)
+        cfg = run_config(path)
+        base = (cfg.model if cfg else None) or read_adapter_config(path).get("base_model_name_or_path")
+        if not base:
+            raise AdapterError(f"adapter '{name}' ({path_text}) does not name its base model: pass --model")
+        recorded[name] = base
+    if len(set(recorded.values())) > 1:
+        listed = ", ".join(f"{name}: {base}" for name, base in recorded.items())
+        raise AdapterError(f"the adapters name different base models ({listed}): pass --model to choose one")
+    return next(iter(recorded.values()))
+
+
+def _startup_path(name: str, path_text: str, root: Path) -> Path:
+    try:
+        return confine_adapter_dir(root, path_text)
+    except APIError as exc:
+        raise AdapterError(f"--adapter {name}={path_text}: {exc.message}") from None
+
+
+def build_app(model: str | None = None, adapters: dict[str, str] | None = None, adapter_root: str | Path | None = None,
+              api_key: str | None = None, limits: ServeLimits | None = None, device: str = "auto"):
+    """The FastAPI app serving `model` with `adapters` (name -> run directory inside `adapter_root`,
+    default: the working directory). The engine thread starts and stops with the app."""
+    adapters = dict(adapters or {})
+    limits = limits or ServeLimits()
+    root = Path(adapter_root if adapter_root is not None else Path.cwd()).expanduser()
+    if not root.is_dir():
+        raise SlimtuneError(f"adapter root '{root}' is not a directory: pass an existing directory with --adapter-root")
+    root = root.resolve()
+    base_name = model or base_model_of(adapters, root)
+    base, tokenizer, _ = load_model(base_name)
+    base.to(resolve_device(device)).eval()
+    adapter_set = AdapterSet(base)
+    registry = AdapterRegistry(adapter_set, root, base_name)
+    for name, path_text in adapters.items():
+        try:
+            registry.load(name, path_text)
+        except APIError as exc:
+            raise AdapterError(f"--adapter {name}={path_text}: {exc.message}") from None
+    try:
+        engine = Engine(base, tokenizer, adapter_set, limits.max_batch, limits.prefill_tokens)
+    except ValueError as exc:
+        raise SlimtuneError(f"cannot serve '{base_name}': {exc}") from None
+    context = int(getattr(base.config, "max_position_embeddings", 0) or limits.max_prompt_tokens + limits.max_tokens)
+    state = ServerState(engine, registry, tokenizer, base_name, limits, context)
+    return create_app(state, api_key)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: any free port), or a clear error."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET  # a host name such as 'localhost'
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SlimtuneError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(model: str | None = None, adapters: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, adapter_root: str | Path | None = None, limits: ServeLimits | None = None,
+          device: str = "auto", console: Console | None = None) -> None:
+    """Serve until Ctrl-C or SIGTERM, which finish the open responses (up to 30 s) and return."""
+    import uvicorn
+
+    console = console or Console(stderr=True)
+    sock = bind(host, port)  # before loading the model: a taken port fails in a second, not after the load
+    app = build_app(model, adapters, adapter_root, api_key, limits, device)
+    state: ServerState = app.state.server
+    listen = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}/v1"
+    offered = ", ".join([state.base_name, *state.registry.paths])
+    console.print(f"serving {escape(offered)} at {escape(listen)} (adapter root {escape(str(state.registry.root))})",
+                  highlight=False, soft_wrap=True)
+    if not api_key:
+        exposure = "anyone who can reach this port" if not _is_loopback(host) else "any local process"
+        console.print(f"[bold yellow]warning:[/bold yellow] no API key: {exposure} can use the server and load "
+                      "adapters from the adapter root; set SLIMTUNE_API_KEY or pass --api-key", highlight=False)
+    logger = logging.getLogger("slimtune.serve")  # adapter loads, failures: beside uvicorn's own lines
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30))
+    # uvicorn stops gracefully on SIGINT / SIGTERM, then raises the same signal again against the handler
+    # it found. That handler is this no-op, so a requested stop ends with status 0, as `slimtune train` does.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    console.print("server stopped")
