@@ -12,6 +12,16 @@ adapter active. Each layer computes the base output once for the whole batch and
 update only to its rows. The rows of each adapter are grouped once per `per_row` block (`RowGroups`),
 not in every layer, since a server runs one block per decode step through every adapted layer.
 
+When every adapter of a layer is plain LoRA, a mixed batch takes one path for all of them: with the
+adapters' A stacked into A_cat (sum of ranks R, d_in) and their B into B_cat (d_out, R),
+
+    y = W x + B_cat (m_row * (A_cat x)),   m_row[j] = s_a if column j belongs to the row's adapter a, else 0,
+
+which is row by row s_a B_a A_a x (the other adapters' columns are multiplied by exact zeros). That
+is two small matmuls per layer whatever the mix, instead of a gather, two matmuls and a scatter per
+adapter; its cost grows with the total rank R of the layer's adapters. DoRA layers (whose update
+depends on the row's weight norm) keep the per-adapter path.
+
 Deliberately left out: training several adapters at once, and merging (merge one adapter with
 `slimtune.api.merge_run` on its own directory); `merge_lora` and friends skip adapters held here.
 """
@@ -36,11 +46,14 @@ class RowGroups:
 
     `uniform` is the one name every row uses (None: the base model) when the batch is not mixed; then
     layers take the whole batch at once, exactly as with `set_active`. Otherwise `groups` maps each
-    adapter name to the LongTensor of its row indices.
+    adapter name to the LongTensor of its row indices, and `lora_scales` gives stacked-LoRA layers their
+    per-row column scales (cached: the layers of one model share few column layouts).
     """
 
     def __init__(self, names: Sequence[str | None], device: torch.device) -> None:
+        self.names = list(names)
         self.rows = len(names)
+        self.device = device
         distinct = list(dict.fromkeys(names))
         self.mixed = len(distinct) > 1
         self.uniform: str | None = distinct[0] if len(distinct) == 1 else None
@@ -48,6 +61,33 @@ class RowGroups:
             name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
             for name in distinct if name is not None
         } if self.mixed else {}
+        self._scales: dict[tuple, torch.Tensor] = {}
+
+    def lora_scales(self, stack: "StackedLoRA") -> torch.Tensor:
+        """m of the module docstring for every row: (rows, R); zeros for rows whose adapter is not in `stack`."""
+        scales = self._scales.get(stack.layout)
+        if scales is None:
+            position = {name: i for i, name in enumerate(stack.names)}
+            index = torch.tensor([position.get(n, len(stack.names)) for n in self.names], device=stack.table.device)
+            scales = self._scales[stack.layout] = stack.table[index]
+        return scales
+
+
+class StackedLoRA:
+    """A layer's plain-LoRA adapters side by side: A_cat (R, d_in), B_cat (d_out, R), and `table`
+    (adapters + 1, R) whose row a holds s_a on adapter a's columns (the last row, all zeros: no adapter)."""
+
+    def __init__(self, adapters: dict[str, LoRALinear]) -> None:
+        self.names = list(adapters)
+        self.A = torch.cat([a.lora_A.weight for a in adapters.values()])
+        self.B = torch.cat([a.lora_B.weight for a in adapters.values()], dim=1)
+        self.table = torch.zeros(len(adapters) + 1, self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
+        start = 0
+        for row, adapter in enumerate(adapters.values()):
+            self.table[row, start: start + adapter.r] = adapter.scaling
+            start += adapter.r
+        # Layers with the same adapters, ranks and scalings share one per-row scale matrix per batch.
+        self.layout = tuple((name, a.r, a.scaling) for name, a in adapters.items())
 
 
 class MultiAdapterLinear(nn.Module):
@@ -61,10 +101,25 @@ class MultiAdapterLinear(nn.Module):
         self.adapters = nn.ModuleDict()  # name -> LoRALinear / DoRALinear sharing `base_layer`
         self.active: str | None = None
         self.row_groups: RowGroups | None = None
+        self._stack: StackedLoRA | None = None  # built on first mixed use, dropped when adapters change
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    def add(self, name: str, adapter: nn.Module) -> None:
+        self.adapters[name] = adapter
+        self._stack = None
+
+    def remove(self, name: str) -> None:
+        del self.adapters[name]
+        self._stack = None
+
+    def stacked(self) -> StackedLoRA | None:
+        """The adapters stacked for the one-path mixed batch, or None if one is DoRA."""
+        if self._stack is None and all(type(a) is LoRALinear for a in self.adapters.values()):
+            self._stack = StackedLoRA(dict(self.adapters.items()))
+        return self._stack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -78,6 +133,12 @@ class MultiAdapterLinear(nn.Module):
             return out + self.adapters[name].update(x, out)
         if groups.rows != x.shape[0]:
             raise AdapterError(f"per_row got {groups.rows} adapter names for a batch of {x.shape[0]} rows")
+        stack = self.stacked()
+        if stack is not None:
+            scales = groups.lora_scales(stack)  # (rows, R)
+            scales = scales.view(scales.shape[0], *([1] * (x.dim() - 2)), scales.shape[1])
+            hidden = (x.to(stack.A.dtype) @ stack.A.T) * scales  # (rows, ..., R)
+            return out + (hidden @ stack.B.T).to(out.dtype)
         result = out.clone()
         for name, rows in groups.groups.items():
             if name in self.adapters:
@@ -128,7 +189,7 @@ class AdapterSet:
                 multi[path] = MultiAdapterLinear(self.base_layers[path])
                 multi[path].active = self.active
                 _set_submodule(self.model, path, multi[path])
-            multi[path].adapters[name] = layer
+            multi[path].add(name, layer)
         self.names.append(name)
 
     def set_active(self, name: str | None) -> None:
@@ -171,7 +232,7 @@ class AdapterSet:
             raise AdapterError(f"no adapter named '{name}': loaded are {', '.join(self.names) or '(none)'}")
         for path, layer in self._multi_layers().items():
             if name in layer.adapters:
-                del layer.adapters[name]
+                layer.remove(name)
             if not len(layer.adapters):
                 _set_submodule(self.model, path, layer.base_layer)
         self.names.remove(name)
