@@ -147,14 +147,21 @@ def main() -> None:
         })
     peers = [row for row in summary if row["config"].startswith("peer")]
     fastest = max(peers, key=lambda row: row["tokens_per_s"]) if peers else None
+    # Step time relative to slimtune's default LoRA run (same examples, so the ratio of tokens/s):
+    # the overhead of DoRA, AdaLoRA, QLoRA ... over plain LoRA.
+    lora = next((row for row in summary if row["config"] == "slimtune"), None)
+    for row in summary:
+        row["step_time_vs_lora"] = lora["tokens_per_s"] / row["tokens_per_s"] if lora else None
     print()
-    print("| configuration | tokens/s | s/example | peak RSS MB | eval loss | % bf16 peak | speed vs fastest peer | RSS vs fastest peer |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| configuration | tokens/s | s/example | peak RSS MB | eval loss | % bf16 peak | speed vs fastest peer "
+          "| RSS vs fastest peer | step time vs slimtune LoRA |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in summary:
         speed = f"{row['tokens_per_s'] / fastest['tokens_per_s']:.2f}x" if fastest else "-"
         memory = f"{row['peak_rss_mb'] / fastest['peak_rss_mb']:.2f}x" if fastest else "-"
+        versus_lora = f"{row['step_time_vs_lora']:.2f}x" if lora else "-"
         print(f"| {row['label']} | {row['tokens_per_s']:.0f} | {row['s_per_example']:.3f} | {row['peak_rss_mb']:.0f} | "
-              f"{row['eval_loss']:.4f} | {row['pct_bf16_peak']:.1f}% | {speed} | {memory} |")
+              f"{row['eval_loss']:.4f} | {row['pct_bf16_peak']:.1f}% | {speed} | {memory} | {versus_lora} |")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps({"peaks_gflops": peaks, "flops_per_token": per_token,

@@ -333,3 +333,16 @@ def test_cli_trains_the_bundled_model_with_adalora(bundled_model_dir, tmp_path, 
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(bundled_model_dir)), str(out))
     diff = (logits(peft_model.eval(), ids) - logits(ours, ids)).abs().max().item()
     assert diff <= 1e-4, f"PEFT must load the bundled model's AdaLoRA adapter with our logits; max abs diff {diff}"
+
+
+def test_adalora_on_a_4bit_base_trains_and_reloads(tiny_model_dir, data_file, tmp_path):
+    from slimtune.quant import Linear4bit
+
+    cfg = _config(tiny_model_dir, data_file, tmp_path / "run", max_steps=6)
+    cfg.quantize = "nf4"
+    result = finetune(cfg, Console(quiet=True))
+    config = json.loads((result.output / "adapter_config.json").read_text())
+    assert sum(sum(mask) for mask in config["rank_pattern"].values()) == 2 * 6
+    model, _ = load_run(result.output)
+    assert any(isinstance(m, Linear4bit) for m in model.modules()), "the adapter must be reloaded on the 4-bit base"
+    assert torch.isfinite(logits(model, IDS)).all()
