@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from slimtune.methods.multi import AdapterSet
 from slimtune.models import load_model
