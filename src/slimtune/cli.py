@@ -90,13 +90,13 @@ def generate(
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A training run's output directory.")],
     data: Annotated[Optional[Path], typer.Option(
-        help="JSON/JSONL examples to evaluate on [default: the run's data.eval].")] = None,
+        help="JSON/JSONL examples to evaluate on (default: the run's data.eval).")] = None,
     generations: Annotated[Optional[int], typer.Option(
-        min=0, help="Greedy replies scored by exact match, ROUGE-L and BLEU [default: the run's eval.generations].")] = None,
+        min=0, help="Greedy replies scored by exact match, ROUGE-L and BLEU (default: the run's eval.generations).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(
-        min=1, help="Token limit of each reply [default: the run's eval.max_new_tokens].")] = None,
+        min=1, help="Token limit of each reply (default: the run's eval.max_new_tokens).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
-        min=1, help="Examples per batch [default: the run's eval.batch_size].")] = None,
+        min=1, help="Examples per batch (default: the run's eval.batch_size).")] = None,
 ) -> None:
     """Base vs tuned on held-out data: loss, perplexity, exact match, ROUGE-L, BLEU.
 
@@ -156,7 +156,7 @@ def serve(
              "command lines are visible to other users).")] = None,
     adapter_root: Annotated[Optional[Path], typer.Option(
         help="Adapters (at startup and via /v1/load_lora_adapter) load only from inside this directory "
-             "[default: the working directory].")] = None,
+             "(default: the working directory).")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="The largest max_tokens a request may ask for.")] = 1024,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longer prompts are refused (400).")] = 4096,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Larger request bodies are refused (413).")] = 1 << 20,
