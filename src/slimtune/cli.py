@@ -164,6 +164,9 @@ def serve(
         min=1, help="Prompts queued or generating at once; more are refused (429).")] = 256,
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together in one forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    quantize: Annotated[str, typer.Option(
+        help="nf4: freeze the base's linear layers in NF4, the base QLoRA adapters were trained on; none: keep "
+             "them as loaded; auto: nf4 when every --adapter is a QLoRA run.")] = "auto",
 ) -> None:
     """Serve the base model and adapters with an OpenAI-compatible API (chat and text completions,
     streaming, adapters loaded and unloaded at run time); requests for different adapters share batches."""
@@ -182,7 +185,9 @@ def serve(
     limits = ServeLimits(max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
                          max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                          max_concurrent=max_concurrent, max_batch=max_batch)
-    run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console)
+    if quantize not in ("auto", "none", "nf4"):
+        raise ConfigError(f"--quantize {quantize!r}: use auto, none or nf4")
+    run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize)
 
 
 def main() -> None:

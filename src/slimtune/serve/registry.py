@@ -25,10 +25,11 @@ log = logging.getLogger("slimtune.serve")
 class AdapterRegistry:
     """Adapter name -> directory, for the adapters loaded into `adapters` (see the module docstring)."""
 
-    def __init__(self, adapters: AdapterSet, root: Path, base_name: str) -> None:
+    def __init__(self, adapters: AdapterSet, root: Path, base_name: str, quantized: bool = False) -> None:
         self.adapters = adapters
         self.root = root.resolve()
         self.base_name = base_name
+        self.quantized = quantized  # the base's linear layers are NF4 (QLoRA's base)
         # Replaced, never mutated, so the web server's thread can read it while the engine thread writes.
         self.paths: dict[str, Path] = {}
 
@@ -50,9 +51,11 @@ class AdapterRegistry:
             cfg = run_config(path)
         except SlimtuneError:
             cfg = None  # a config.yaml slimtune cannot read: the adapter files themselves were fine
-        if cfg is not None and cfg.quantized:
-            log.warning("adapter '%s' was trained on the NF4-quantized base; the server runs the unquantized base, "
-                        "so its replies can differ slightly from `slimtune generate`", name)
+        if cfg is not None and cfg.quantized != self.quantized:
+            trained, served = ("the NF4-quantized", "unquantized") if cfg.quantized else ("the unquantized", "NF4")
+            log.warning("adapter '%s' was trained on %s base; the server runs the %s base, so its replies can "
+                        "differ slightly from `slimtune generate` (serve it with --quantize %s)", name, trained, served,
+                        "nf4" if cfg.quantized else "none")
         self.paths = {**self.paths, name: path}
         return path
 

@@ -14,6 +14,7 @@ import signal
 import socket
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -21,6 +22,7 @@ from slimtune.adapters import read_adapter_config
 from slimtune.errors import AdapterError, SlimtuneError
 from slimtune.methods.multi import AdapterSet
 from slimtune.models import load_model
+from slimtune.quant import quantize_model
 from slimtune.serve.app import ServerState, create_app
 from slimtune.serve.engine import Engine
 from slimtune.serve.errors import APIError
@@ -56,10 +58,22 @@ def _startup_path(name: str, path_text: str, root: Path) -> Path:
         raise AdapterError(f"--adapter {name}={path_text}: {exc.message}") from None
 
 
+def trained_on_nf4(adapters: dict[str, str], root: Path) -> bool:
+    """True when every startup adapter is a run trained on the NF4 base (QLoRA) and there is at least one."""
+    from slimtune.api import run_config
+
+    configs = [run_config(_startup_path(name, path_text, root)) for name, path_text in adapters.items()]
+    return bool(configs) and all(cfg is not None and cfg.quantized for cfg in configs)
+
+
 def build_app(model: str | None = None, adapters: dict[str, str] | None = None, adapter_root: str | Path | None = None,
-              api_key: str | None = None, limits: ServeLimits | None = None, device: str = "auto"):
+              api_key: str | None = None, limits: ServeLimits | None = None, device: str = "auto",
+              quantize: str = "auto"):
     """The FastAPI app serving `model` with `adapters` (name -> run directory inside `adapter_root`,
-    default: the working directory). The engine thread starts and stops with the app."""
+    default: the working directory). The engine thread starts and stops with the app.
+
+    `quantize`: 'nf4' freezes the base's linear layers in NF4 (the base QLoRA adapters were trained on),
+    'none' keeps them as loaded, 'auto' picks nf4 when every startup adapter is a QLoRA run."""
     adapters = dict(adapters or {})
     limits = limits or ServeLimits()
     root = Path(adapter_root if adapter_root is not None else Path.cwd()).expanduser()
@@ -67,10 +81,15 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
         raise SlimtuneError(f"adapter root '{root}' is not a directory: pass an existing directory with --adapter-root")
     root = root.resolve()
     base_name = model or base_model_of(adapters, root)
+    if quantize not in ("auto", "none", "nf4"):
+        raise SlimtuneError(f"--quantize {quantize!r}: use auto, none or nf4")
+    quantized = quantize == "nf4" or (quantize == "auto" and trained_on_nf4(adapters, root))
     base, tokenizer, _ = load_model(base_name)
+    if quantized:  # as load_run rebuilds a QLoRA run's base, so replies equal `slimtune generate`'s
+        quantize_model(base, compute_dtype=torch.float32)
     base.to(resolve_device(device)).eval()
     adapter_set = AdapterSet(base)
-    registry = AdapterRegistry(adapter_set, root, base_name)
+    registry = AdapterRegistry(adapter_set, root, base_name, quantized)
     for name, path_text in adapters.items():
         try:
             registry.load(name, path_text)
@@ -112,13 +131,13 @@ def _is_loopback(host: str) -> bool:
 
 def serve(model: str | None = None, adapters: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, adapter_root: str | Path | None = None, limits: ServeLimits | None = None,
-          device: str = "auto", console: Console | None = None) -> None:
+          device: str = "auto", console: Console | None = None, quantize: str = "auto") -> None:
     """Serve until Ctrl-C or SIGTERM, which finish the open responses (up to 30 s) and return."""
     import uvicorn
 
     console = console or Console(stderr=True)
     sock = bind(host, port)  # before loading the model: a taken port fails in a second, not after the load
-    app = build_app(model, adapters, adapter_root, api_key, limits, device)
+    app = build_app(model, adapters, adapter_root, api_key, limits, device, quantize)
     state: ServerState = app.state.server
     listen = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}/v1"
     offered = ", ".join([state.base_name, *state.registry.paths])
