@@ -228,7 +228,9 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     precision = resolve_precision(cfg.train.precision, device)
     model, tokenizer, resolved = load_model(cfg.model, dtype=weight_dtype(precision))
     model.to(device)
-    packing = cfg.train.packing and use_packed_attention(model)
+    # slimtune's attention function, packed or not: it keeps packed examples apart, and on CPU it runs
+    # the attention maths in fp32, which is faster there than bf16 (train/packing.py).
+    packing = use_packed_attention(model) and cfg.train.packing
     if cfg.train.fused_ops:
         fuse_modules(model)
     if cfg.train.packing and not packing:
