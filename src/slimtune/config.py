@@ -151,8 +151,9 @@ class TrainSettings(_Section):
         "auto: bf16 where the hardware has fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs), else fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available, else CPU.")
     packing: bool = Field(False, description="Pack each micro-batch into one row without padding; attention "
-                          "stays within each example. Off by default: on CPU, length-grouped padded batches "
-                          "measured 25% faster (bench/train_speed.py, slimtune vs slimtune-padded).")
+                          "stays within each example. Off by default: on a 2-core CPU it measured within a few "
+                          "percent of length-grouped padded batches (bench/train_speed.py, slimtune vs "
+                          "slimtune-packed).")
     group_by_length: bool = Field(True, description="Without packing: batch examples of similar length.")
     fused_ops: bool = Field(True, description="Fused RMSNorm and SwiGLU (Llama-style models) for training.")
     loss_chunk: int = Field(1024, gt=0, description="Tokens per chunk of the LM head + cross-entropy.")
