@@ -41,10 +41,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start: start + chunk].to(dtype)
-            probs = torch.exp((h @ w.T).float() - lse[start: start + chunk, None])  # softmax, (c, V)
+            # In place on one (c, V) fp32 block: each fresh block of that size costs page faults too.
+            probs = (h @ w.T).float().sub_(lse[start: start + chunk, None]).exp_()  # softmax, (c, V)
             rows = torch.arange(probs.shape[0], device=probs.device)
             probs[rows, targets[start: start + chunk]] -= 1.0
-            grad_logits = (probs * grad_output).to(dtype)
+            grad_logits = probs.mul_(grad_output).to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start: start + chunk] = (grad_logits @ w).to(hidden.dtype)
             if grad_weight is not None:
