@@ -144,6 +144,16 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+def _require_keys(weights: Path, expected: set[str], loaded: dict[str, torch.Tensor]) -> None:
+    """Raise unless the file's keys are exactly `expected` (a bad file must leave the model unchanged)."""
+    missing, extra = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
+    if missing or extra:
+        raise AdapterError(
+            f"{weights} does not fit the base model: {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected keys (e.g. {extra[:2]}); was it trained on another base model?"
+        )
+
+
 def read_lora_adapter(
     model: nn.Module, adapter_dir: str | Path, layers: dict[str, nn.Linear] | None = None
 ) -> tuple[dict[str, Any], list[str], dict[str, torch.Tensor]]:
@@ -178,13 +188,7 @@ def read_lora_adapter(
         key.replace(".default.weight", ".weight").replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector"): value
         for key, value in tensors.items()
     }
-    missing = sorted(set(expected) - set(loaded))
-    extra = sorted(set(loaded) - set(expected))
-    if missing or extra:
-        raise AdapterError(
-            f"{weights} does not fit the base model: {len(missing)} missing keys (e.g. {missing[:2]}), "
-            f"{len(extra)} unexpected keys (e.g. {extra[:2]}); was it trained on another base model?"
-        )
+    _require_keys(weights, set(expected), loaded)
     for key, shape in expected.items():
         if tuple(loaded[key].shape) != shape:
             raise AdapterError(f"{weights}: '{key}' has shape {tuple(loaded[key].shape)}, the model needs {shape}")
@@ -263,13 +267,8 @@ def adalora_as_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], pa
                            f"e.g. {unknown[:2]}; was it trained on another base model?")
     # PEFT keeps the adapter name in memory ('.lora_A.default') but not in files; accept both.
     loaded = {re.sub(r"\.(lora_[ABE])\.default$", r".\1", key): value for key, value in tensors.items()}
-    expected = {f"{PEFT_PREFIX}{path}.{name}" for path in paths for name in ("lora_A", "lora_E", "lora_B")}
-    missing, extra = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
-    if missing or extra:
-        raise AdapterError(
-            f"{weights} does not fit the base model: {len(missing)} missing keys (e.g. {missing[:2]}), "
-            f"{len(extra)} unexpected keys (e.g. {extra[:2]}); was it trained on another base model?"
-        )
+    _require_keys(weights, {f"{PEFT_PREFIX}{path}.{name}" for path in paths for name in ("lora_A", "lora_E", "lora_B")},
+                  loaded)
     lora_tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for path in paths:

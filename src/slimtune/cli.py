@@ -185,8 +185,6 @@ def serve(
     limits = ServeLimits(max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
                          max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                          max_concurrent=max_concurrent, max_batch=max_batch)
-    if quantize not in ("auto", "none", "nf4"):
-        raise ConfigError(f"--quantize {quantize!r}: use auto, none or nf4")
     run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize)
 
 

@@ -44,11 +44,10 @@ from slimtune.methods.targets import linear_layers, resolve_targets
 class SVDLinear(AdapterLayer):
     """A frozen linear layer plus `s * P diag(lambda) Q` (PEFT's `lora_B`, `lora_E`, `lora_A`)."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 initial_rank: int | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base_layer)
-        if r < 0 or alpha <= 0 or not 0.0 <= dropout < 1.0:
-            raise AdapterError(f"AdaLoRA needs r >= 0, alpha > 0 and 0 <= dropout < 1; got r={r}, alpha={alpha}, "
+        if r < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
+            raise AdapterError(f"AdaLoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1; got r={r}, alpha={alpha}, "
                                f"dropout={dropout}")
         if r > min(base_layer.in_features, base_layer.out_features):
             raise AdapterError(
@@ -56,8 +55,8 @@ class SVDLinear(AdapterLayer):
                 f"use adalora.init_r <= {min(base_layer.in_features, base_layer.out_features)}"
             )
         self.alpha = alpha
-        self.initial_rank = initial_rank if initial_rank is not None else r  # r0: fixes the scale
-        self.scaling = alpha / self.initial_rank if self.initial_rank else 0.0
+        # s = alpha / r0 with the initial rank: pruning zeroes lambdas but never changes the shapes or s.
+        self.scaling = alpha / r
         self.dropout = dropout
         factory = {"device": base_layer.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, **factory))  # Q (r, d_in)
@@ -82,8 +81,6 @@ class SVDLinear(AdapterLayer):
 
     def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """s P diag(lambda) Q x in `out`'s dtype; (lambda * Q) is r x d_in, formed once per call."""
-        if self.r == 0:
-            return torch.zeros_like(out)
         scale = self.scaling
         if self.training and self.dropout > 0:
             x = drop_elements(x, self.dropout)
@@ -100,7 +97,7 @@ class SVDLinear(AdapterLayer):
                 + (self.lora_A @ self.lora_A.T - eye).pow(2).sum())
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, initial_rank={self.initial_rank}, alpha={self.alpha}, merged={self.merged}"
+        return f"r={self.r}, alpha={self.alpha}, kept={int(self.kept.sum())}, merged={self.merged}"
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
@@ -223,8 +220,6 @@ class AdaLoRAMethod(AttachedMethod):
         self.allocator = RankAllocator(beta1, beta2)
         self.initial_budget = sum(layer.r for layer in self.layers.values())
         self.target_budget = target_r * len(self.layers)
-        self.allocated = False  # an allocation has happened (each layer's `kept` says what it kept)
-        self.final = False  # the allocation is frozen (step >= T - t_final)
         self.named = {f"{path}.{key}": getattr(layer, key)
                       for path, layer in self.layers.items() for key in ("lora_A", "lora_E", "lora_B")}
 
@@ -255,7 +250,6 @@ class AdaLoRAMethod(AttachedMethod):
         elif step == end_of_budget_phase:
             budget = self.target_budget
             self._mask(budget)
-            self.final = True
             self.allocator.reset()
         else:
             budget = self.target_budget
@@ -266,7 +260,6 @@ class AdaLoRAMethod(AttachedMethod):
         masks = keep_masks(self.allocator.triplet_importance(list(self.layers)), budget)
         for path, keep in masks.items():
             self.layers[path].kept.copy_(keep)
-        self.allocated = True
         self._apply_masks()
 
     def _apply_masks(self) -> None:
@@ -285,7 +278,6 @@ class AdaLoRAMethod(AttachedMethod):
         state = {f"kept.{path}": layer.kept for path, layer in self.layers.items()}
         state.update({f"sensitivity.{name}": value for name, value in self.allocator.sensitivity.items()})
         state.update({f"uncertainty.{name}": value for name, value in self.allocator.uncertainty.items()})
-        state["flags"] = torch.tensor([self.allocated, self.final])
         return state
 
     def load_state_tensors(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -296,7 +288,6 @@ class AdaLoRAMethod(AttachedMethod):
                 self.layers[name].kept.copy_(value)
             elif kind in ("sensitivity", "uncertainty"):
                 getattr(self.allocator, kind)[name] = value.to(self.layers[name.rsplit(".", 1)[0]].kept.device).clone()
-        self.allocated, self.final = (bool(flag) for flag in state["flags"])
 
 
 def parse_rank_pattern(rank_pattern: Mapping[str, Sequence[bool]]) -> dict[str, list[bool]]:
