@@ -250,7 +250,7 @@ def test_eval_and_to_do_not_merge(tiny_model, input_ids):
 
 
 def test_drop_elements_zeroes_a_fraction_p_and_keeps_the_rest():
-    from slimtune.methods.lora import drop_elements
+    from slimtune.methods.lowrank import drop_elements
 
     torch.manual_seed(0)
     x = torch.rand(1000, 1000) + 1.0  # no zeros of its own

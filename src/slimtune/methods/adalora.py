@@ -37,7 +37,8 @@ from torch import nn
 
 from slimtune.errors import AdapterError
 from slimtune.methods.base import AttachedMethod
-from slimtune.methods.lora import AdapterLayer, _set_submodule, drop_elements, freeze_layer, lora_layers
+from slimtune.methods.lora import AdapterLayer, _set_submodule, freeze_layer, lora_layers
+from slimtune.methods.lowrank import dropped_low_rank
 from slimtune.methods.targets import linear_layers, resolve_targets
 
 
@@ -81,14 +82,12 @@ class SVDLinear(AdapterLayer):
 
     def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """s P diag(lambda) Q x in `out`'s dtype; (lambda * Q) is r x d_in, formed once per call."""
-        scale = self.scaling
         if self.training and self.dropout > 0:
-            x = drop_elements(x, self.dropout)
-            scale = scale / (1.0 - self.dropout)
+            return dropped_low_rank(x, self.lora_A * self.lora_E, self.lora_B, self.dropout, self.scaling).to(out.dtype)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)
         update = nn.functional.linear(nn.functional.linear(x, self.lora_A * self.lora_E), self.lora_B)
-        return (update * scale).to(out.dtype)
+        return (update * self.scaling).to(out.dtype)
 
     def orthogonality(self) -> torch.Tensor:
         """||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (eq. 4), fp32 scalar."""

@@ -13,7 +13,6 @@ names are what flash-attention's varlen path reads, so a CUDA model can use `fla
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.data.render import IGNORE_INDEX, Encoded
+from slimtune.train.cpu_attention import fp32_attention
 
 ATTENTION_NAME = "slimtune_packed"
 
@@ -61,31 +61,26 @@ def packed_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
-    out_dtype = query.dtype
-    in_fp32 = query.device.type == "cpu" and query.dtype == torch.bfloat16
-    if in_fp32:
-        # On CPU the bf16 flash-attention backward runs at less than half the speed of fp32 (measured,
-        # 4 x 112 tokens, 9 heads of 64: forward + backward 7.7 ms in bf16, 3.3 ms in fp32), and
-        # attention is a small share of the FLOPs: its maths runs in fp32, only the output returns to
-        # bf16. Autocast must be off around it, or it would cast SDPA's inputs back to bf16.
-        query, key, value = query.float(), key.float(), value.float()
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.float()
-    with torch.autocast("cpu", enabled=False) if in_fp32 else contextlib.nullcontext():
-        if bounds is None or query.shape[2] != key.shape[2]:
-            out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                                  scaling=scaling, **kwargs)
-            return out.to(out_dtype), weights
-        gqa = query.shape[1] != key.shape[1]
-        edges = bounds.tolist()
-        outputs = [
-            F.scaled_dot_product_attention(
-                query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
-            )
-            for start, end in zip(edges[:-1], edges[1:])
-        ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).to(out_dtype).contiguous(), None  # (1, T, heads, head_dim)
+    same_length = query.shape[2] == key.shape[2]
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16 and dropout == 0.0 and same_length:
+        # fp32 maths with bf16 saved tensors: faster than bf16 on CPU, and lean (train/cpu_attention.py)
+        mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[2]]
+        is_causal = mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
+        return fp32_attention(query, key, value, mask, None if bounds is None else bounds.tolist(), scaling,
+                              is_causal), None
+    if bounds is None or not same_length:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    edges = bounds.tolist()
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
+        )
+        for start, end in zip(edges[:-1], edges[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (1, T, heads, head_dim)
 
 
 def _packed_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):

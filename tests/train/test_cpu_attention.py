@@ -1,0 +1,67 @@
+"""fp32-maths attention with bf16 memory equals fp32 SDPA, per example, up to bf16 rounding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimtune.train.cpu_attention import fp32_attention
+
+HEADS, KV_HEADS, DIM = 6, 2, 16
+
+
+def _reference(q, k, v, mask, bounds, scale):
+    """torch's SDPA in fp32 on the upcast inputs, each packed example on its own; (batch, T, heads, dim)."""
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    if bounds is None:
+        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                             enable_gqa=True)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(qf[:, :, a:b], kf[:, :, a:b], vf[:, :, a:b], is_causal=True,
+                                                         scale=scale, enable_gqa=True)
+                         for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+    return out.transpose(1, 2)
+
+
+def _run(fn, q, k, v, mask, bounds, grad):
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v, mask, bounds, 0.25)
+    (out.float() * grad).sum().backward()
+    return out.float(), [t.grad.float() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("case", ["packed", "padded", "causal"])
+def test_matches_fp32_sdpa(case):
+    torch.manual_seed(0)
+    batch, length = (1, 37) if case == "packed" else (3, 37)
+    q, k, v = (torch.randn(batch, h, length, DIM, dtype=torch.bfloat16, requires_grad=True)
+               for h in (HEADS, KV_HEADS, KV_HEADS))
+    bounds = [0, 11, 12, 30, 37] if case == "packed" else None  # includes a one-token example
+    mask = None
+    if case == "padded":  # right padding, as training batches are padded
+        keep = torch.arange(length)[None, :] < torch.tensor([37, 25, 9])[:, None]
+        mask = (torch.ones(length, length, dtype=torch.bool).tril()[None] & keep[:, None, :])[:, None]
+    grad = torch.randn(batch, length, HEADS, DIM)
+    out, grads = _run(lambda *a: fp32_attention(*a[:5], scale=a[5], is_causal=mask is None), q, k, v, mask, bounds,
+                      grad)
+    ref_out, ref_grads = _run(_reference, q, k, v, mask, bounds, grad)
+    assert out.shape == ref_out.shape == (batch, length, HEADS, DIM)
+    # The output is rounded to bf16 once (relative 2^-9); gradients carry that rounding of O (through
+    # rowsum(dO * O)) plus their own bf16 rounding.
+    assert ((out - ref_out).norm() / ref_out.norm()) < 3e-3
+    for name, got, want in zip("qkv", grads, ref_grads):
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 6e-3, f"d{name} differs from fp32 SDPA's by {rel:.2e} (relative)"
+
+
+def test_keeps_no_fp32_copies_for_backward():
+    """What autograd keeps is bf16 q, k, v and output plus the fp32 log-sum-exp (heads x T)."""
+    length = 64
+    q, k, v = (torch.randn(1, h, length, DIM, dtype=torch.bfloat16, requires_grad=True)
+               for h in (HEADS, KV_HEADS, KV_HEADS))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fp32_attention(q, k, v, None, [0, 30, length])
+    fp32_bytes = sum(t.numel() * 4 for t in saved if t.dtype == torch.float32)
+    assert fp32_bytes <= HEADS * length * 4, f"{fp32_bytes} bytes of fp32 tensors kept for backward"
+    assert {t.dtype for t in saved} == {torch.bfloat16, torch.float32}
