@@ -155,6 +155,10 @@ class TrainSettings(_Section):
                           "percent of length-grouped padded batches (bench/train_speed.py, slimtune vs "
                           "slimtune-packed).")
     group_by_length: bool = Field(True, description="Without packing: batch examples of similar length.")
+    pad_to_multiple_of: int = Field(8, ge=1, description="Without packing: round the padded batch width up to a "
+                                    "multiple of this. Fewer distinct tensor sizes let the CPU allocator reuse freed "
+                                    "memory (measured: ~100 MB lower peak RSS at 4 x 110 tokens); 1 pads to the "
+                                    "longest example only.")
     fused_ops: bool = Field(True, description="Fused RMSNorm and SwiGLU (Llama-style models) for training.")
     loss_chunk: int = Field(1024, gt=0, description="Tokens per chunk of the LM head + cross-entropy.")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N optimizer steps.")

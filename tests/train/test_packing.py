@@ -1,5 +1,6 @@
 """Packed batches give the loss and gradients of the same examples run one by one."""
 
+import pytest
 import torch
 
 from slimtune.data.render import ChatRenderer
@@ -63,8 +64,9 @@ def test_packed_equals_one_by_one(tiny_tokenizer):
         assert diff < 1e-5, f"gradient of {name} differs by {diff}"
 
 
-def test_padded_batch_equals_one_by_one(tiny_tokenizer):
-    """Padding must not leak into the loss either (the non-packed path)."""
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_padded_batch_equals_one_by_one(tiny_tokenizer, multiple):
+    """Padding must not leak into the loss either (the non-packed path), however wide the batch."""
     from conftest import make_tiny_model
 
     renderer = ChatRenderer(tiny_tokenizer)
@@ -72,7 +74,10 @@ def test_padded_batch_equals_one_by_one(tiny_tokenizer):
     cpu = torch.device("cpu")
     model = _adapted_model(make_tiny_model, len(tiny_tokenizer))
     loss_ref, _, grads_ref = _loss_and_grads(model, [make_batch([e], False, 0, cpu) for e in examples])
-    loss, _, grads = _loss_and_grads(model, [make_batch(examples, False, tiny_tokenizer.pad_token_id, cpu)])
+    padded = make_batch(examples, False, tiny_tokenizer.pad_token_id, cpu, multiple)
+    longest = max(len(e.input_ids) for e in examples)
+    assert padded["input_ids"].shape[1] == -(-longest // multiple) * multiple
+    loss, _, grads = _loss_and_grads(model, [padded])
     assert abs(loss - loss_ref) < 1e-4 * max(1.0, abs(loss_ref)), f"padded loss {loss} != one-by-one {loss_ref}"
     for name, grad in grads.items():
         assert (grad - grads_ref[name]).abs().max().item() < 1e-5, f"gradient of {name} differs"

@@ -9,10 +9,11 @@ import torch
 from slimtune.data.render import IGNORE_INDEX, Encoded
 
 
-def pad_batch(examples: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest example. Returns input_ids, labels (-100 on padding), attention_mask,
-    all (batch, max_len) int64."""
-    width = max(len(example.input_ids) for example in examples)
+def pad_batch(examples: Sequence[Encoded], pad_token_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Pad to the longest example, rounded up to a multiple of `multiple_of`. Returns input_ids,
+    labels (-100 on padding), attention_mask, all (batch, width) int64."""
+    longest = max(len(example.input_ids) for example in examples)
+    width = longest + (-longest % multiple_of)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

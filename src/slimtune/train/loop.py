@@ -90,9 +90,10 @@ def micro_batches(dataset: Dataset, batch_size: int, seed: int, group_by_length:
         epoch += 1
 
 
-def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device: torch.device) -> dict:
-    """A packed (one row, no padding) or padded micro-batch on `device`."""
-    batch = pack_examples(examples) if packing else pad_batch(examples, pad_token_id)
+def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device: torch.device,
+               pad_multiple: int = 1) -> dict:
+    """A packed (one row, no padding) or padded micro-batch on `device`, padded batches `pad_multiple` wide."""
+    batch = pack_examples(examples) if packing else pad_batch(examples, pad_token_id, pad_multiple)
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
@@ -195,7 +196,8 @@ def run_training(
         task = progress.add_task("train", total=steps, completed=first_step - 1, loss="-", lr="-", tps="-")
         for step in range(first_step, steps + 1):
             micro = [next(batches) for _ in range(settings.grad_accum)]
-            prepared = [make_batch(chunk, packing, pad_token_id, device) for chunk, _ in micro]
+            prepared = [make_batch(chunk, packing, pad_token_id, device, settings.pad_to_multiple_of)
+                        for chunk, _ in micro]
             label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in prepared)
             lr = optimizer.param_groups[0]["lr"]
             step_loss = 0.0
