@@ -112,7 +112,26 @@ def test_quantize_and_dequantize_match_bitsandbytes(shape, blocksize, dtype):
             dequantized = dequantize_nf4(ours, out_dtype)
             assert dequantized.shape == weight.shape and dequantized.dtype == out_dtype
             assert torch.equal(dequantized, bnb_dequantize(packed, theirs, out_dtype)), (shape, double_quant, out_dtype)
+            # the scratch-buffer path, reused across every shape of this parametrisation
+            assert torch.equal(dequantize_nf4(ours, out_dtype, scratch=True), dequantized), (shape, double_quant)
         assert dequantize_nf4(ours).dtype == dtype, "default dequantization dtype is the input's"
+
+
+def test_scratch_buffers_are_per_thread():
+    """A scratch result stays valid until the next scratch call on the same thread, whatever other
+    threads (the server's engine thread, say) dequantize meanwhile."""
+    import threading
+
+    first = quantize_nf4(torch.randn(64, 128) * 0.02)
+    other = quantize_nf4(torch.randn(64, 128) * 0.02)
+    expected = dequantize_nf4(first, torch.bfloat16)
+    mine = dequantize_nf4(first, torch.bfloat16, scratch=True)
+    thread = threading.Thread(target=lambda: [dequantize_nf4(other, torch.bfloat16, scratch=True) for _ in range(3)])
+    thread.start()
+    thread.join()
+    assert torch.equal(mine, expected)
+    dequantize_nf4(other, torch.bfloat16, scratch=True)
+    assert not torch.equal(mine, expected), "the same thread's next scratch call reuses the buffer"
 
 
 def test_nibble_order_and_odd_length():

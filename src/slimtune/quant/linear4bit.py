@@ -44,13 +44,13 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
         ctx.state, ctx.dtype, ctx.has_bias = state, dtype, bias is not None
-        return F.linear(x, dequantize_nf4(state, dtype), bias)
+        return F.linear(x, dequantize_nf4(state, dtype, scratch=True), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_nf4(ctx.state, ctx.dtype)  # (..., d_out) @ (d_out, d_in)
+            grad_x = grad_out @ dequantize_nf4(ctx.state, ctx.dtype, scratch=True)  # (..., d_out) @ (d_out, d_in)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
         return grad_x, grad_bias, None, None
