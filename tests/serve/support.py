@@ -23,6 +23,7 @@ ADAPTERS = {  # name: (targets, attach kwargs, seed)
 def write_adapter(base_dir: Path, out: Path, targets: list[str], seed: int, scale: float = 0.3, **kwargs) -> Path:
     """A LoRA adapter on the model in `base_dir` with random non-zero B, so it changes the replies."""
     model, _, _ = load_model(str(base_dir))
+    torch.manual_seed(seed)  # lora_A's init draws from the global generator: seed it, or A depends on test order
     attach_lora(model, targets, r=4, alpha=8.0, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
