@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> dict:
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.0,
                   "schedule": "linear", "seed": args.seed, "precision": args.precision,
                   "packing": args.packing, "grad_checkpointing": args.grad_checkpointing,
+                  "checkpoint_fraction": args.checkpoint_fraction,
                   "log_every": 10, "optimizer": args.optimizer, "save_every": None},
         **({"quantize": args.quantize} if args.quantize != "none" else {}),
         # AdaLoRA at LoRA's initial rank and scale (alpha / init_r = 32 / 16), pruned to an average of 8.
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.optimizer != "adamw":
         name += f" {args.optimizer}"
     if args.grad_checkpointing:
-        name += " +ckpt"
+        name += " +ckpt" + (f" {args.checkpoint_fraction:g} of layers" if args.checkpoint_fraction < 1 else "")
     return {
         "name": name, "tokens": result.tokens, "examples": result.examples, "train_s": result.train_seconds,
         "tokens_per_s": result.tokens_per_s, "s_per_example": result.train_seconds / max(result.examples, 1),
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--packing", action="store_true", help="train.packing=true (default: padded, length-grouped)")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--checkpoint-fraction", type=float, default=1.0, help="train.checkpoint_fraction")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
     parser.add_argument("--method", default="lora", choices=["lora", "dora", "adalora"])
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])

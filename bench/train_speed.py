@@ -39,6 +39,7 @@ CONFIGS: dict[str, list[str]] = {
     "slimtune-fp32": [str(HERE / "slimtune_runner.py"), "--precision", "fp32"],
     "slimtune-packed": [str(HERE / "slimtune_runner.py"), "--packing"],
     "slimtune-ckpt": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing"],
+    "slimtune-ckpt-half": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing", "--checkpoint-fraction", "0.5"],
     "slimtune-8bit-adam": [str(HERE / "slimtune_runner.py"), "--optimizer", "adamw8bit"],
     "slimtune-dora": [str(HERE / "slimtune_runner.py"), "--method", "dora"],
     "slimtune-adalora": [str(HERE / "slimtune_runner.py"), "--method", "adalora"],

@@ -146,6 +146,9 @@ class TrainSettings(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = off.")
     seed: int = Field(0, description="Seeds adapter init, dropout and data order.")
     grad_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    checkpoint_fraction: float = Field(1.0, gt=0, le=1, description="With grad_checkpointing: the fraction of "
+                                       "decoder layers recomputed, spread evenly; memory and time fall between no "
+                                       "checkpointing and all layers (measured in the README).")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="bf16: base weights stored in bf16, adapters/optimizer fp32, bf16 autocast. "
         "auto: bf16 where the hardware has fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs), else fp32.")

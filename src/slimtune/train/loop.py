@@ -97,6 +97,19 @@ def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
+def checkpoint_some_layers(model: torch.nn.Module, fraction: float) -> int:
+    """After `gradient_checkpointing_enable`: keep recomputation on round(fraction * n) of the n
+    checkpointed decoder layers, evenly spaced, and switch it off on the rest. Returns how many keep it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    keep = max(1, round(fraction * len(layers))) if layers else 0
+    chosen = {i * len(layers) // keep for i in range(keep)}
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+    return keep
+
+
 class TrainingInterrupted(SlimtuneError):
     """Training stopped on a signal after saving a checkpoint; resuming continues from it."""
 
@@ -167,6 +180,7 @@ def run_training(
     log = MetricsLog(metrics_path, keep_until=first_step - 1 if resume_from is not None else None)
     if settings.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_some_layers(model, settings.checkpoint_fraction)
     model.train()
     loss_value = float("nan")
     started = time.perf_counter()
