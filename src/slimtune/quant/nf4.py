@@ -227,8 +227,9 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, scratch: b
 
     With `scratch`, the result and its temporaries live in per-thread buffers that the next scratch
     call on the same thread overwrites: for a weight used in one matmul and dropped (the 4-bit layer's
-    forward and backward). Training then allocates nothing per dequantization: fresh weight-sized
-    temporaries between the activations fragmented the heap (QLoRA peak RSS, measured in the README).
+    forward and backward). Training then allocates nothing per dequantization (measured: four
+    1536 x 576 layers, forward + backward, 24.5 -> 22.2 ms on CPU). On CUDA the reuse is ordered by
+    the stream, like any other write after a read on it.
     """
     byte_to_pair, _, _, _ = _tables(state.codes.device)
     dtype = dtype or state.dtype
