@@ -65,3 +65,22 @@ def test_keeps_no_fp32_copies_for_backward():
     fp32_bytes = sum(t.numel() * 4 for t in saved if t.dtype == torch.float32)
     assert fp32_bytes <= HEADS * length * 4, f"{fp32_bytes} bytes of fp32 tensors kept for backward"
     assert {t.dtype for t in saved} == {torch.bfloat16, torch.float32}
+
+
+def test_arguments_that_change_the_maths_go_to_transformers(monkeypatch):
+    """A logit soft-cap (Gemma 2) or any other unknown argument must not be dropped silently: such calls
+    take transformers' own SDPA function, and plain ones take the fp32 path."""
+    import slimtune.train.packing as packing
+
+    used = []
+    monkeypatch.setattr(packing, "fp32_attention", lambda *a, **k: used.append("fp32") or (a[0].transpose(1, 2)))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, HEADS // KV_HEADS, False
+    q, k, v = (torch.randn(1, h, 8, DIM, dtype=torch.bfloat16) for h in (HEADS, KV_HEADS, KV_HEADS))
+    packing.packed_attention(module, q, k, v, None, position_ids=torch.arange(8)[None], use_cache=False)
+    assert used == ["fp32"]
+    try:
+        packing.packed_attention(module, q, k, v, None, softcap=30.0)
+    except Exception:  # transformers' SDPA function may refuse a soft-cap: also not a silent wrong result
+        pass
+    assert used == ["fp32"], "a call with softcap must not take the fp32 path"

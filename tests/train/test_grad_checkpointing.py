@@ -35,7 +35,7 @@ def test_checkpointed_layers_are_recomputed_and_gradients_unchanged(tiny_tokeniz
     assert calls_ref == [0, 1, 2, 3]
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert checkpoint_some_layers(model, fraction) == len(recomputed)
+    assert checkpoint_some_layers(model, fraction) == (len(recomputed), 4)
     torch.manual_seed(5)
     loss, grads, calls = _step(model, ids)
     assert sorted(calls) == sorted([0, 1, 2, 3] + recomputed), f"layers run: {calls}"

@@ -54,11 +54,13 @@ class _DroppedLowRank(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, mask, h, a, b = ctx.saved_tensors
         g = grad_out.to(ctx.dtype).reshape(-1, grad_out.shape[-1])  # (N, d_out)
-        grad_b = (g.t() @ h.reshape(-1, h.shape[-1])).to(ctx.param_dtypes[1])  # c g^T h, h already scaled
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = (g.t() @ h.reshape(-1, h.shape[-1])).to(ctx.param_dtypes[1])  # c g^T h, h already scaled
         grad_h = (g @ b) * ctx.scale  # (N, r)
-        dropped = torch.where(mask, x, 0).to(ctx.dtype).reshape(-1, x.shape[-1])
-        grad_a = (grad_h.t() @ dropped).to(ctx.param_dtypes[0])
-        grad_x = None
+        if ctx.needs_input_grad[1]:
+            dropped = torch.where(mask, x, 0).to(ctx.dtype).reshape(-1, x.shape[-1])
+            grad_a = (grad_h.t() @ dropped).to(ctx.param_dtypes[0])
         if ctx.needs_input_grad[0]:
             grad_x = torch.where(mask, (grad_h @ a).view(x.shape), 0).to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None

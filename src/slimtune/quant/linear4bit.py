@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from slimtune.errors import ModelLoadError
 from slimtune.quant.nf4 import (
@@ -38,19 +39,26 @@ _STATE_BUFFERS = ("absmax", "absmax_codes", "nested_absmax", "offset")
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _use_scratch(x: torch.Tensor) -> bool:
+    # On CPU every fresh weight-sized temporary is a new heap allocation; CUDA's caching allocator
+    # already reuses freed blocks, so there the buffers would only be held for nothing.
+    return x.device.type == "cpu"
+
+
 class _NF4Matmul(torch.autograd.Function):
     """x W^T + b with W dequantized in forward and again in backward (nothing full-size is saved)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
         ctx.state, ctx.dtype, ctx.has_bias = state, dtype, bias is not None
-        return F.linear(x, dequantize_nf4(state, dtype, scratch=True), bias)
+        return F.linear(x, dequantize_nf4(state, dtype, scratch=_use_scratch(x)), bias)
 
     @staticmethod
+    @once_differentiable  # a double backward would keep the scratch weight that the next layer overwrites
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_nf4(ctx.state, ctx.dtype, scratch=True)  # (..., d_out) @ (d_out, d_in)
+            grad_x = grad_out @ dequantize_nf4(ctx.state, ctx.dtype, scratch=_use_scratch(grad_out))  # (..., d_out) @ (d_out, d_in)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
         return grad_x, grad_bias, None, None

@@ -91,15 +91,15 @@ def micro_batches(dataset: Dataset, batch_size: int, seed: int, group_by_length:
 
 
 def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device: torch.device,
-               pad_multiple: int = 1) -> dict:
-    """A packed (one row, no padding) or padded micro-batch on `device`, padded batches `pad_multiple` wide."""
-    batch = pack_examples(examples) if packing else pad_batch(examples, pad_token_id, pad_multiple)
+               pad_multiple: int = 1, max_width: int | None = None) -> dict:
+    """A packed (one row, no padding) or padded micro-batch on `device`; see `pad_batch` for the widths."""
+    batch = pack_examples(examples) if packing else pad_batch(examples, pad_token_id, pad_multiple, max_width)
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def checkpoint_some_layers(model: torch.nn.Module, fraction: float) -> int:
-    """After `gradient_checkpointing_enable`: keep recomputation on round(fraction * n) of the n
-    checkpointed decoder layers, evenly spaced, and switch it off on the rest. Returns how many keep it."""
+def checkpoint_some_layers(model: torch.nn.Module, fraction: float) -> tuple[int, int]:
+    """After `gradient_checkpointing_enable`: keep recomputation on max(1, round(fraction * n)) of the
+    n checkpointed decoder layers, evenly spaced, and switch it off on the rest. Returns (kept, n)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
@@ -107,7 +107,7 @@ def checkpoint_some_layers(model: torch.nn.Module, fraction: float) -> int:
     chosen = {i * len(layers) // keep for i in range(keep)}
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
-    return keep
+    return keep, len(layers)
 
 
 class TrainingInterrupted(SlimtuneError):
@@ -168,6 +168,7 @@ def run_training(
         optimizer, lambda s: lr_multiplier(s, steps, warmup, settings.schedule)
     )
     batches = micro_batches(dataset, settings.batch_size, settings.seed, settings.group_by_length and not packing)
+    longest = max(len(example.input_ids) for example in dataset.examples)  # never pad wider than the data
     first_step, tokens_seen, examples_seen, skipped, previous_elapsed = 1, 0, 0, 0, 0.0
     if resume_from is not None:
         progress_state = restore_checkpoint(resume_from, named, optimizer, scheduler)
@@ -180,7 +181,11 @@ def run_training(
     log = MetricsLog(metrics_path, keep_until=first_step - 1 if resume_from is not None else None)
     if settings.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        checkpoint_some_layers(model, settings.checkpoint_fraction)
+        kept, total = checkpoint_some_layers(model, settings.checkpoint_fraction)
+        if total == 0:
+            console.print("note: this model has no checkpointable decoder layers; train.grad_checkpointing has no effect")
+        elif kept < total:
+            console.print(f"gradient checkpointing on {kept} of {total} decoder layers (train.checkpoint_fraction)")
     model.train()
     loss_value = float("nan")
     started = time.perf_counter()
@@ -210,7 +215,7 @@ def run_training(
         task = progress.add_task("train", total=steps, completed=first_step - 1, loss="-", lr="-", tps="-")
         for step in range(first_step, steps + 1):
             micro = [next(batches) for _ in range(settings.grad_accum)]
-            prepared = [make_batch(chunk, packing, pad_token_id, device, settings.pad_to_multiple_of)
+            prepared = [make_batch(chunk, packing, pad_token_id, device, settings.pad_to_multiple_of, longest)
                         for chunk, _ in micro]
             label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in prepared)
             lr = optimizer.param_groups[0]["lr"]

@@ -23,6 +23,9 @@ from slimtune.data.render import IGNORE_INDEX, Encoded
 from slimtune.train.cpu_attention import fp32_attention
 
 ATTENTION_NAME = "slimtune_packed"
+# Keyword arguments that do not change what attention computes (the packed boundaries are handled here).
+_PLAIN_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "use_cache",
+                 "is_causal", "cache_position", "output_attentions", "sliding_window"}
 
 
 def pack_examples(examples: Sequence[Encoded]) -> dict[str, torch.Tensor | int]:
@@ -62,12 +65,16 @@ def packed_attention(
 
     bounds = kwargs.get("cu_seq_lens_q")
     same_length = query.shape[2] == key.shape[2]
-    if query.device.type == "cpu" and query.dtype == torch.bfloat16 and dropout == 0.0 and same_length:
+    # Anything else that changes the maths (a logit soft-cap, attention sinks, a position bias, ...)
+    # goes to transformers' own SDPA function, which knows it.
+    plain = all(value is None for name, value in kwargs.items() if name not in _PLAIN_KWARGS)
+    if (query.device.type == "cpu" and query.dtype == torch.bfloat16 and dropout == 0.0 and same_length and plain
+            and key.shape[-1] == value.shape[-1] and (bounds is None or attention_mask is None)):
         # fp32 maths with bf16 saved tensors: faster than bf16 on CPU, and lean (train/cpu_attention.py)
         mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[2]]
-        is_causal = mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
+        is_causal = mask is None and query.shape[2] > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True))
         return fp32_attention(query, key, value, mask, None if bounds is None else bounds.tolist(), scaling,
-                              is_causal), None
+                              bool(is_causal)), None
     if bounds is None or not same_length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
