@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from slimtune.methods.lowrank import drop_elements, dropped_low_rank
+from slimtune.methods.lowrank import dropped_low_rank, keep_mask
 
 P, SCALE = 0.25, 2.0
 
 
 def _reference(x, a, b):
-    """Autograd through the unfused maths; drop_elements draws the same mask from the same RNG state."""
-    return (drop_elements(x, P) @ a.t() @ b.t()) * (SCALE / (1 - P))
+    """Autograd through the unfused maths; keep_mask draws the same mask from the same RNG state."""
+    return (torch.where(keep_mask(x.shape, P, x.device), x, 0) @ a.t() @ b.t()) * (SCALE / (1 - P))
 
 
 @pytest.mark.parametrize("autocast", [False, True])

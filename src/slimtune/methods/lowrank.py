@@ -33,21 +33,17 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return uniform16 >= round(-32768 + p * 65536)
 
 
-def drop_elements(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Zero each element of `x` with probability p (no rescaling; the caller divides by 1 - p)."""
-    return torch.where(keep_mask(x.shape, p, x.device), x, 0)
-
-
 class _DroppedLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, p: float, scale: float,
                 dtype: torch.dtype) -> torch.Tensor:
         mask = keep_mask(x.shape, p, x.device)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
+        ctx.scale = scale / (1.0 - p)  # c
         # The scale goes onto the rank-r activations, the smallest tensor on the path.
-        h = (torch.where(mask, x, 0).to(dtype) @ a.t()) * (scale / (1.0 - p))  # c (m * x) A^T, (..., r)
+        h = (torch.where(mask, x, 0).to(dtype) @ a.t()) * ctx.scale  # c (m * x) A^T, (..., r)
         ctx.save_for_backward(x, mask, h, a, b)
-        ctx.scale, ctx.dtype, ctx.param_dtypes = scale / (1.0 - p), dtype, (lora_a.dtype, lora_b.dtype)
+        ctx.dtype, ctx.param_dtypes = dtype, (lora_a.dtype, lora_b.dtype)
         return h @ b.t()
 
     @staticmethod

@@ -78,8 +78,9 @@ def fp32_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     of kv_heads; `mask` an additive float mask broadcastable to (batch, heads, T, T), or None;
     `bounds` the packed example boundaries [0, l_1, ..., T] (batch 1), attention kept inside each.
     """
-    if mask is not None:
-        mask = mask.float() if mask.is_floating_point() else torch.zeros(mask.shape, device=mask.device).masked_fill_(
-            ~mask, float("-inf"))
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    elif mask is not None:  # boolean, True = attend: the kernels take an additive mask of query's dtype
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
     with torch.autocast(query.device.type, enabled=False):
         return _Fp32Attention.apply(query, key, value, mask, bounds, scale, is_causal)
