@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from slimtune.methods.lowrank import dropped_low_rank, keep_mask
+from slimtune.methods.lowrank import draw_mask_seed, dropped_low_rank, keep_mask, masked
 
 P, SCALE = 0.25, 2.0
 
 
 def _reference(x, a, b):
-    """Autograd through the unfused maths; keep_mask draws the same mask from the same RNG state."""
-    return (torch.where(keep_mask(x.shape, P, x.device), x, 0) @ a.t() @ b.t()) * (SCALE / (1 - P))
+    """Autograd through the unfused maths, with the mask drawn the same way from the same RNG state."""
+    return (torch.where(keep_mask(x.shape, P, x.device, draw_mask_seed()) != 0, x, 0) @ a.t() @ b.t()) * (SCALE / (1 - P))
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -33,12 +33,43 @@ def test_matches_autograd_with_the_same_mask(autocast):
     assert results[1][2].dtype == torch.float32, "A's gradient comes back in A's dtype"
 
 
-def test_keeps_x_itself_not_a_dropped_copy():
+def test_keeps_x_itself_not_a_dropped_copy_or_a_mask():
     x = torch.randn(5, 64, requires_grad=True)
     a, b = torch.randn(4, 64, requires_grad=True), torch.randn(8, 4, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         dropped_low_rank(x, a, b, P, SCALE)
     full = [t for t in saved if t.shape == x.shape]
-    assert len(full) == 2 and {t.dtype for t in full} == {torch.float32, torch.bool}
-    assert any(t.data_ptr() == x.data_ptr() for t in full), "x itself is kept, so adapters sharing x share it"
+    assert len(full) == 1, f"only x is kept at full size, got {[t.dtype for t in full]}"
+    assert full[0].data_ptr() == x.data_ptr(), "x itself is kept, so adapters sharing x share it"
+
+
+def test_mask_depends_on_the_seed_alone():
+    """Backward redraws the forward's mask from the seed, whatever ran on the global RNG in between."""
+    shape = torch.Size([64, 1000])
+    first = keep_mask(shape, P, torch.device("cpu"), 3)
+    torch.rand(10)
+    assert torch.equal(first, keep_mask(shape, P, torch.device("cpu"), 3))
+    assert not torch.equal(first, keep_mask(shape, P, torch.device("cpu"), 4))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.25, 0.9])
+def test_mask_keeps_one_minus_p_and_is_all_or_no_bits(p):
+    mask = keep_mask(torch.Size([1000, 1000]), p, torch.device("cpu"), 0)
+    assert mask.dtype == torch.int16 and set(mask.unique().tolist()) == {-1, 0}
+    kept = (mask != 0).float().mean().item()
+    # Binomial(1e6, p) has sd <= 5e-4: 3e-3 is 6 of them.
+    assert abs(kept - (1 - p)) < 3e-3, f"kept fraction {kept:.4f}, expected {1 - p}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_masked_equals_where_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    t = torch.randn(64, 33, dtype=dtype)
+    t[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=dtype)
+    mask = keep_mask(t.shape, 0.5, t.device, 1)
+    want = torch.where(mask != 0, t, torch.zeros((), dtype=dtype))
+    got = masked(t, mask)
+    assert got.dtype == dtype
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    assert torch.equal(got.view(int_dtype), want.view(int_dtype))

@@ -67,6 +67,30 @@ def test_keeps_no_fp32_copies_for_backward():
     assert {t.dtype for t in saved} == {torch.bfloat16, torch.float32}
 
 
+def test_layers_given_one_mask_keep_one_converted_copy():
+    """A padded batch's boolean mask reaches every layer as one object: it is converted to the kernels'
+    additive fp32 form once and shared by all layers' saved tensors, not kept once per layer. A mask
+    changed in place, or a new mask, is converted again."""
+    torch.manual_seed(0)
+    length = 16
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    mask[1, :, :, 10:] = False
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        for _ in range(3):  # three "layers"
+            fp32_attention(*(torch.randn(2, h, length, DIM, dtype=torch.bfloat16, requires_grad=True)
+                             for h in (HEADS, KV_HEADS, KV_HEADS)), mask, is_causal=False)
+    masks = [t for t in saved if t.shape == mask.shape]
+    assert len(masks) == 3 and len({t.data_ptr() for t in masks}) == 1, "one converted mask for all layers"
+    assert torch.equal(masks[0] == 0, mask), "True (attend) -> 0, False -> -inf"
+
+    mask[0, :, :, 5:] = False  # in place: a new version of the mask
+    q, k, v = (torch.randn(2, h, length, DIM, dtype=torch.bfloat16) for h in (HEADS, KV_HEADS, KV_HEADS))
+    got = fp32_attention(q, k, v, mask, is_causal=False).float()
+    want = _reference(q, k, v, mask, None, None)
+    assert ((got - want).norm() / want.norm()) < 3e-3, "a mask changed in place must be converted again"
+
+
 def test_arguments_that_change_the_maths_go_to_transformers(monkeypatch):
     """A logit soft-cap (Gemma 2) or any other unknown argument must not be dropped silently: such calls
     take transformers' own SDPA function, and plain ones take the fp32 path."""

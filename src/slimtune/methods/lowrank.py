@@ -3,14 +3,15 @@
 Dropout draws an independent mask for every adapter, so autograd run on `B(A(dropout(x)))` keeps one
 dropped copy of x per adapter (for A's gradient) next to the mask: on a Llama block with q/k/v/o
 adapters, four (tokens x d_in) activations that nothing else needs. `dropped_low_rank` keeps x itself
-(the tensor the base projection reads; q, k and v share it, and o shares it with attention) and the
-boolean mask, and rebuilds the dropped input in backward:
+(the tensor the base projection reads; q, k and v share it, and o shares it with attention) and a seed,
+and draws the same mask again in backward to rebuild the dropped input:
 
     forward:   h = c (m * x) A^T               (..., r)      m: keep mask, m_i ~ Bernoulli(1 - p)
                y = h B^T                       (..., d_out)  c = s / (1 - p)
     backward:  dB = g^T h,   dh = c g B,   dA = dh^T (m * x),   dx = m * (dh A)
 
-with the scale applied to the rank-r tensors, never to a full-width one.
+with the scale applied to the rank-r tensors, never to a full-width one. Redrawing a mask costs about
+as much as one elementwise pass over x; keeping it would cost a (tokens x d_in) bool per adapter.
 
 A and B may be any tensors (AdaLoRA passes diag(lambda) Q as A); their gradients come back in their
 own dtype. Under autocast the products run in the autocast dtype, as `nn.Linear` calls would.
@@ -21,44 +22,71 @@ from __future__ import annotations
 import torch
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A boolean mask, True with probability 1 - p (up to a resolution of 1/65536 in p).
+def draw_mask_seed() -> int:
+    """A seed for one mask, from torch's default (CPU) generator: `torch.manual_seed` makes the masks
+    reproducible, checkpoint recomputation restores that generator, and nothing waits on a GPU."""
+    return int(torch.randint(0, 2**62, (1,)))
 
-    About 3x faster than `nn.Dropout`'s float draws on CPU: one 64-bit random draw yields four 16-bit
-    uniforms.
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device, seed: int) -> torch.Tensor:
+    """A dropout mask that keeps each element with probability 1 - p (p resolved to 1/32768); the same
+    `seed` gives the same mask.
+
+    int16, -1 (all bits set) where kept and 0 where dropped, so that `masked` applies it as one
+    bitwise AND. On CPU that is ~8x faster than `torch.where` with a boolean mask, and the mask itself
+    comes from integer shifts and adds rather than a comparison (~5x slower, it writes bools).
+    One 64-bit random draw yields four 16-bit uniforms.
     """
     count = shape.numel()
-    bits = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
-    uniform16 = bits.view(torch.int16)[:count].view(shape)  # uniform on [-32768, 32767]
-    return uniform16 >= round(-32768 + p * 65536)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    bits = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device,
+                         generator=generator)
+    # u uniform on [-16384, 16383] (15 bits). Keep iff u >= t with t = -16384 + round(32768 p): then
+    # (t - 1) - u is negative, and it stays inside int16, so an arithmetic shift by 15 turns its sign
+    # into -1 (keep) or 0 (drop).
+    threshold = -16384 + round(p * 32768)
+    uniform = bits.view(torch.int16)[:count].view(shape) >> 1
+    return uniform.neg_().add_(threshold - 1).bitwise_right_shift_(15)
+
+
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """m * t for a `keep_mask` mask: t's bits ANDed with the mask's (dropped elements become +0.0)."""
+    bits = t.view(_SAME_SIZE_INT[t.element_size()])
+    return (bits & mask).view(t.dtype)  # an int16 mask widens with its sign, so -1 stays all ones
 
 
 class _DroppedLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, p: float, scale: float,
                 dtype: torch.dtype) -> torch.Tensor:
-        mask = keep_mask(x.shape, p, x.device)
+        ctx.seed, ctx.p = draw_mask_seed(), p
+        mask = keep_mask(x.shape, p, x.device, ctx.seed)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         ctx.scale = scale / (1.0 - p)  # c
         # The scale goes onto the rank-r activations, the smallest tensor on the path.
-        h = (torch.where(mask, x, 0).to(dtype) @ a.t()) * ctx.scale  # c (m * x) A^T, (..., r)
-        ctx.save_for_backward(x, mask, h, a, b)
+        h = (masked(x, mask).to(dtype) @ a.t()) * ctx.scale  # c (m * x) A^T, (..., r)
+        ctx.save_for_backward(x, h, a, b)
         ctx.dtype, ctx.param_dtypes = dtype, (lora_a.dtype, lora_b.dtype)
         return h @ b.t()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, mask, h, a, b = ctx.saved_tensors
+        x, h, a, b = ctx.saved_tensors
+        mask = keep_mask(x.shape, ctx.p, x.device, ctx.seed)
         g = grad_out.to(ctx.dtype).reshape(-1, grad_out.shape[-1])  # (N, d_out)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = (g.t() @ h.reshape(-1, h.shape[-1])).to(ctx.param_dtypes[1])  # c g^T h, h already scaled
         grad_h = (g @ b) * ctx.scale  # (N, r)
         if ctx.needs_input_grad[1]:
-            dropped = torch.where(mask, x, 0).to(ctx.dtype).reshape(-1, x.shape[-1])
+            dropped = masked(x, mask).to(ctx.dtype).reshape(-1, x.shape[-1])
             grad_a = (grad_h.t() @ dropped).to(ctx.param_dtypes[0])
         if ctx.needs_input_grad[0]:
-            grad_x = torch.where(mask, (grad_h @ a).view(x.shape), 0).to(x.dtype)
+            grad_x = masked((grad_h @ a).view(x.shape).to(x.dtype), mask)
         return grad_x, grad_a, grad_b, None, None, None
 
 

@@ -21,6 +21,8 @@ The two aten operators are PyTorch's CPU flash-attention kernels, the ones
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -69,6 +71,31 @@ class _Fp32Attention(torch.autograd.Function):
         return *grads, None, None, None, None
 
 
+# The last mask converted: (weak reference to the mask passed in, its version, weak reference to the
+# converted mask). Every layer of a forward pass receives the same mask object, so it is converted once
+# and all layers' saved tensors share one copy rather than one (batch, 1, T, T) fp32 tensor per layer.
+# Weak references: the copy lives exactly as long as some layer's backward still needs it.
+_last_conversion: tuple[weakref.ref, int, weakref.ref] | None = None
+
+
+def _additive_fp32(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` as the additive fp32 mask the kernels take: a float mask upcast, a boolean one (True =
+    attend) turned into 0 / -inf."""
+    global _last_conversion
+    if mask.dtype == torch.float32:
+        return mask
+    if _last_conversion is not None:
+        source, version, converted = _last_conversion
+        if source() is mask and mask._version == version and (cached := converted()) is not None:
+            return cached
+    if mask.is_floating_point():
+        converted_mask = mask.float()
+    else:
+        converted_mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    _last_conversion = (weakref.ref(mask), mask._version, weakref.ref(converted_mask))
+    return converted_mask
+
+
 def fp32_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
                    bounds: list[int] | None = None, scale: float | None = None, is_causal: bool = True
                    ) -> torch.Tensor:
@@ -78,9 +105,7 @@ def fp32_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     of kv_heads; `mask` an additive float mask broadcastable to (batch, heads, T, T), or None;
     `bounds` the packed example boundaries [0, l_1, ..., T] (batch 1), attention kept inside each.
     """
-    if mask is not None and mask.is_floating_point():
-        mask = mask.float()
-    elif mask is not None:  # boolean, True = attend: the kernels take an additive mask of query's dtype
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    if mask is not None:
+        mask = _additive_fp32(mask)
     with torch.autocast(query.device.type, enabled=False):
         return _Fp32Attention.apply(query, key, value, mask, bounds, scale, is_causal)

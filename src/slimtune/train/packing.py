@@ -71,7 +71,9 @@ def packed_attention(
     if (query.device.type == "cpu" and query.dtype == torch.bfloat16 and dropout == 0.0 and same_length and plain
             and key.shape[-1] == value.shape[-1] and (bounds is None or attention_mask is None)):
         # fp32 maths with bf16 saved tensors: faster than bf16 on CPU, and lean (train/cpu_attention.py)
-        mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[2]]
+        mask = attention_mask
+        if mask is not None and mask.shape[-1] != key.shape[2]:
+            mask = mask[:, :, :, : key.shape[2]]  # sliced only when needed: the same object lets layers share one copy
         is_causal = mask is None and query.shape[2] > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True))
         return fp32_attention(query, key, value, mask, None if bounds is None else bounds.tolist(), scaling,
                               bool(is_causal)), None
