@@ -48,6 +48,28 @@ def test_swiglu_matches_llama_mlp():
         assert torch.allclose(param.grad, grads_ref[name], atol=1e-10), f"gradient of {name} differs"
 
 
+def test_swiglu_gradients_equal_the_stock_mlp_bit_for_bit_in_bf16():
+    """In bf16 the fused backward runs the kernels autograd runs through the stock MLP, so the
+    gradients are identical, not merely close (the forward is the same expression)."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=80, hidden_act="silu", num_attention_heads=4, num_key_value_heads=2)
+    reference = LlamaMLP(config).to(torch.bfloat16)
+    fused = FusedSwiGLU(reference.gate_proj, reference.up_proj, reference.down_proj)
+    x = torch.randn(3, 9, 32, dtype=torch.bfloat16)
+    upstream = torch.randn(3, 9, 32, dtype=torch.bfloat16)
+    grads = []
+    for module in (reference, fused):
+        inputs = x.clone().requires_grad_()
+        reference.zero_grad()
+        out = module(inputs)
+        (out.float() * upstream.float()).sum().backward()
+        grads.append([out, inputs.grad] + [p.grad.clone() for p in reference.parameters()])
+    for name, got, want in zip(["output", "input grad", "gate", "up", "down"], grads[1], grads[0]):
+        assert torch.equal(got, want), f"{name} differs from the stock module's"
+
+
 def test_fuse_modules_keeps_model_outputs(tiny_model):
     torch.manual_seed(0)
     ids = torch.randint(0, 250, (2, 12))

@@ -7,7 +7,8 @@
   x (in its own dtype) and rstd (tokens,) and computes
       dx = rstd * (g - xhat * mean(g * xhat)),   g = dy * w,   xhat = x * rstd,
       dw = sum over tokens of dy * xhat.
-- The SwiGLU MLP product silu(a) * b. Ours saves a and b only and computes
+- The SwiGLU MLP product silu(a) * b. Ours saves a and b only (the stock module also keeps silu(a))
+  and recomputes silu(a) in backward:
       da = dy * b * s * (1 + a (1 - s)),   db = dy * silu(a),   s = sigmoid(a).
 
 Only modules known to compute exactly these formulas are swapped (see `_RMSNORM_CLASSES` and the
@@ -59,10 +60,6 @@ class FusedRMSNorm(nn.Module):
         return _RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
-
-
 class _SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -72,11 +69,12 @@ class _SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         a, b = ctx.saved_tensors
-        af = _at_least_fp32(a)
-        sig = torch.sigmoid(af)
-        g = _at_least_fp32(grad_out)
-        grad_a = (g * _at_least_fp32(b) * sig * (1 + af * (1 - sig))).to(a.dtype)
-        grad_b = (g * af * sig).to(b.dtype)
+        # The very kernels autograd runs through F.silu(a) * b, so the gradients are bit-identical to
+        # the stock module's, in the inputs' dtype; each kernel computes in fp32 internally. Spelling the
+        # formula out in fp32 tensors instead made a dozen (tokens x intermediate) fp32 temporaries per
+        # layer and ran ~14x slower on CPU.
+        grad_a = torch.ops.aten.silu_backward(grad_out * b, a)
+        grad_b = grad_out * F.silu(a)
         return grad_a, grad_b
 
 
