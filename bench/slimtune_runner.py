@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> dict:
                   "schedule": "linear", "seed": args.seed, "precision": args.precision,
                   "packing": args.packing, "grad_checkpointing": args.grad_checkpointing,
                   "checkpoint_fraction": args.checkpoint_fraction,
+                  **({"mmap_threshold_mb": args.mmap_threshold_mb or None}
+                     if args.mmap_threshold_mb is not None else {}),
+                  "trim_memory": args.trim_memory,
                   "log_every": 10, "optimizer": args.optimizer, "save_every": None},
         **({"quantize": args.quantize} if args.quantize != "none" else {}),
         # AdaLoRA at LoRA's initial rank and scale (alpha / init_r = 32 / 16), pruned to an average of 8.
@@ -72,6 +75,10 @@ def run(args: argparse.Namespace) -> dict:
         name += f" {args.optimizer}"
     if args.grad_checkpointing:
         name += " +ckpt" + (f" {args.checkpoint_fraction:g} of layers" if args.checkpoint_fraction < 1 else "")
+    if args.mmap_threshold_mb is not None:
+        name += f" mmap>={args.mmap_threshold_mb:g}MB" if args.mmap_threshold_mb else " glibc mmap threshold"
+    if args.trim_memory:
+        name += " +trim"
     return {
         "name": name, "tokens": result.tokens, "examples": result.examples, "train_s": result.train_seconds,
         "tokens_per_s": result.tokens_per_s, "s_per_example": result.train_seconds / max(result.examples, 1),
@@ -89,6 +96,8 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="train.packing=true (default: padded, length-grouped)")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--checkpoint-fraction", type=float, default=1.0, help="train.checkpoint_fraction")
+    parser.add_argument("--mmap-threshold-mb", type=float, help="train.mmap_threshold_mb (0: null, glibc's own threshold)")
+    parser.add_argument("--trim-memory", action="store_true", help="train.trim_memory=true")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
     parser.add_argument("--method", default="lora", choices=["lora", "dora", "adalora"])
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])

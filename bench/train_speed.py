@@ -40,13 +40,15 @@ CONFIGS: dict[str, list[str]] = {
     "slimtune-packed": [str(HERE / "slimtune_runner.py"), "--packing"],
     "slimtune-ckpt": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing"],
     "slimtune-ckpt-half": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing", "--checkpoint-fraction", "0.5"],
+    "slimtune-glibc-mmap": [str(HERE / "slimtune_runner.py"), "--mmap-threshold-mb", "0"],
+    "slimtune-trim": [str(HERE / "slimtune_runner.py"), "--trim-memory"],
     "slimtune-8bit-adam": [str(HERE / "slimtune_runner.py"), "--optimizer", "adamw8bit"],
     "slimtune-dora": [str(HERE / "slimtune_runner.py"), "--method", "dora"],
     "slimtune-adalora": [str(HERE / "slimtune_runner.py"), "--method", "adalora"],
     "slimtune-qlora": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4"],
     "slimtune-qlora-fp32": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4", "--precision", "fp32"],
 }
-DEFAULT_CONFIGS = "peer-fp32,peer-bf16,slimtune,slimtune-packed,slimtune-fp32,slimtune-ckpt"
+DEFAULT_CONFIGS = "peer-fp32,peer-bf16,slimtune,slimtune-trim,slimtune-packed,slimtune-fp32,slimtune-ckpt-half,slimtune-ckpt"
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 1.5) -> float:

@@ -162,6 +162,13 @@ class TrainSettings(_Section):
                                     "multiple of this. Fewer distinct tensor sizes let the CPU allocator reuse freed "
                                     "memory (measured: ~100 MB lower peak RSS at 4 x 110 tokens); 1 pads to the "
                                     "longest example only.")
+    mmap_threshold_mb: float | None = Field(
+        4, gt=0, le=32, description="CPU, glibc: allocations of this many MiB or more get their own memory map, "
+        "returned to the system when freed, instead of coming from the heap, where the holes they leave stay "
+        "resident (measured: ~70 MB lower peak RSS on the bundled model, no measurable speed cost). "
+        "Process-wide, set when training starts; null keeps glibc's own threshold, which grows to 32 MiB.")
+    trim_memory: bool = Field(False, description="CPU, glibc: after every optimizer step hand the heap's free "
+                              "pages back to the system (malloc_trim). Lower peak RSS, slightly slower steps.")
     fused_ops: bool = Field(True, description="Fused RMSNorm and SwiGLU (Llama-style models) for training.")
     loss_chunk: int = Field(1024, gt=0, description="Tokens per chunk of the LM head + cross-entropy.")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N optimizer steps.")
