@@ -46,6 +46,7 @@ CONFIGS: dict[str, list[str]] = {
     "slimtune-dora": [str(HERE / "slimtune_runner.py"), "--method", "dora"],
     "slimtune-adalora": [str(HERE / "slimtune_runner.py"), "--method", "adalora"],
     "slimtune-qlora": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4"],
+    "slimtune-qlora-trim": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4", "--trim-memory"],
     "slimtune-qlora-fp32": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4", "--precision", "fp32"],
 }
 DEFAULT_CONFIGS = "peer-fp32,peer-bf16,slimtune,slimtune-trim,slimtune-packed,slimtune-fp32,slimtune-ckpt-half,slimtune-ckpt"

@@ -19,7 +19,7 @@ from slimtune.adapters import (
     CONFIG_NAME, WEIGHTS_NAME, adalora_adapter_config, load_lora_adapter, read_adapter_config, save_adalora_adapter,
     save_lora_adapter,
 )
-from slimtune.config import Config, EvalSettings, build_config
+from slimtune.config import Config, EvalSettings, TrainSettings, build_config
 from slimtune.data import Message, load_dataset
 from slimtune.errors import AdapterError, DataError, OutputWriteError, SlimtuneError
 from slimtune.evaluate import evaluate_model, format_eval_report, format_metrics_table, generate_replies
@@ -34,6 +34,7 @@ from slimtune.methods.lora import LoRAMethod, adapters_disabled, attach_lora, lo
 from slimtune.models import load_model
 from slimtune.quant import Linear4bit, dequantize_model, quantize_model
 from slimtune.train.checkpoint import Checkpoint, latest_checkpoint
+from slimtune.train.heap import heap_control_available, set_mmap_threshold
 from slimtune.train.loop import run_training, seed_everything, total_steps
 from slimtune.train.metrics import plot_loss
 from slimtune.train.fused import fuse_modules
@@ -214,6 +215,20 @@ def save_method(model: torch.nn.Module, tokenizer, cfg: Config, out: Path, base_
     return "a Hugging Face model directory (model.safetensors, config.json, tokenizer)"
 
 
+def _tune_heap(settings: TrainSettings, device: torch.device, console: Console) -> None:
+    """Apply train.mmap_threshold_mb before the model loads (its load and quantization allocate large
+    temporaries too); say once when the allocator settings cannot take effect here."""
+    wanted = settings.mmap_threshold_mb is not None or settings.trim_memory
+    if not wanted or device.type != "cpu":
+        return
+    if not heap_control_available():
+        console.print("note: train.mmap_threshold_mb and train.trim_memory need glibc's allocator; "
+                      "this C library has none, so they have no effect")
+        return
+    if settings.mmap_threshold_mb is not None:
+        set_mmap_threshold(int(settings.mmap_threshold_mb * 2**20))
+
+
 def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with `cfg.method` on `cfg.data`; writes the run directory `cfg.output`.
 
@@ -225,6 +240,7 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     resume_from = _resume_point(cfg) if cfg.resume else None
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
+    _tune_heap(cfg.train, device, console)
     precision = resolve_precision(cfg.train.precision, device)
     model, tokenizer, resolved = load_model(cfg.model, dtype=weight_dtype(precision))
     model.to(device)

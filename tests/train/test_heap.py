@@ -92,3 +92,18 @@ def test_heap_settings_leave_training_unchanged(tiny_model_dir, tmp_path):
         assert losses(mmap_threshold_mb=1, trim_memory=True) == losses()
     finally:
         set_mmap_threshold(32 * MIB)
+
+
+def test_without_glibc_the_settings_are_a_note_not_an_error(tiny_model_dir, tmp_path, monkeypatch):
+    import slimtune.api
+    from slimtune.api import finetune
+    from slimtune.config import build_config
+
+    monkeypatch.setattr(slimtune.api, "heap_control_available", lambda: False)  # as on musl or macOS
+    (tmp_path / "train.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n", encoding="utf-8")
+    console = Console(record=True, width=200)
+    finetune(build_config({
+        "model": str(tiny_model_dir), "output": str(tmp_path / "run"), "data": {"train": str(tmp_path / "train.jsonl")},
+        "train": {"max_steps": 1, "batch_size": 1, "precision": "fp32", "save_every": None, "trim_memory": True},
+    }), console)
+    assert "need glibc's allocator" in console.export_text()

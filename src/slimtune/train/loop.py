@@ -27,7 +27,7 @@ from slimtune.methods.base import AttachedMethod
 from slimtune.errors import OutputWriteError, SlimtuneError
 from slimtune.train.checkpoint import Checkpoint, load_method_state, restore_checkpoint, save_checkpoint
 from slimtune.train.loss import response_loss_sum
-from slimtune.train.heap import heap_control_available, release_free_memory, set_mmap_threshold
+from slimtune.train.heap import release_free_memory
 from slimtune.train.metrics import MetricsLog
 from slimtune.train.optim8bit import build_optimizer
 from slimtune.train.packing import pack_examples
@@ -135,19 +135,6 @@ def _non_finite_report(step: int, micro: list, loss_finite: bool, named: dict[st
     )
 
 
-def _tune_heap(settings: TrainSettings, device: torch.device, console: Console) -> None:
-    """Apply train.mmap_threshold_mb; say once when the allocator settings cannot take effect here."""
-    wanted = settings.mmap_threshold_mb is not None or settings.trim_memory
-    if not wanted or device.type != "cpu":
-        return
-    if not heap_control_available():
-        console.print("note: train.mmap_threshold_mb and train.trim_memory need glibc's allocator; "
-                      "this C library has none, so they have no effect")
-        return
-    if settings.mmap_threshold_mb is not None:
-        set_mmap_threshold(int(settings.mmap_threshold_mb * 2**20))
-
-
 def run_training(
     model: torch.nn.Module,
     method: AttachedMethod,
@@ -200,7 +187,6 @@ def run_training(
             console.print("note: this model has no checkpointable decoder layers; train.grad_checkpointing has no effect")
         elif kept < total:
             console.print(f"gradient checkpointing on {kept} of {total} decoder layers (train.checkpoint_fraction)")
-    _tune_heap(settings, device, console)
     model.train()
     loss_value = float("nan")
     started = time.perf_counter()
