@@ -218,12 +218,13 @@ def save_method(model: torch.nn.Module, tokenizer, cfg: Config, out: Path, base_
 def _tune_heap(settings: TrainSettings, device: torch.device, console: Console) -> None:
     """Apply train.mmap_threshold_mb before the model loads (its load and quantization allocate large
     temporaries too); say once when the allocator settings cannot take effect here."""
-    wanted = settings.mmap_threshold_mb is not None or settings.trim_memory
-    if not wanted or device.type != "cpu":
+    if device.type != "cpu":
         return
     if not heap_control_available():
-        console.print("note: train.mmap_threshold_mb and train.trim_memory need glibc's allocator; "
-                      "this C library has none, so they have no effect")
+        # Only a setting the user chose is worth a note; the default threshold is a silent tuning.
+        if settings.trim_memory or "mmap_threshold_mb" in settings.model_fields_set:
+            console.print("note: train.mmap_threshold_mb and train.trim_memory need glibc's allocator; "
+                          "this C library has none, so they have no effect")
         return
     if settings.mmap_threshold_mb is not None:
         set_mmap_threshold(int(settings.mmap_threshold_mb * 2**20))
