@@ -3,8 +3,8 @@
 PyTorch allocates CPU tensors with plain `malloc`. On glibc, a block larger than the mmap threshold
 gets its own mapping and is unmapped on free; smaller ones come from the heap, whose free holes stay
 resident. glibc raises that threshold on its own (up to 32 MiB) each time a mapped block is freed, so
-after the first step the per-step temporaries of a few MiB to tens of MiB (logits chunks, MLP
-activations) all come from the heap, and their holes fragment it: on the bundled model ~350-420 MB of
+after the first step the per-step temporaries of a few MiB to tens of MiB (the LM head's logits
+chunks, for one) all come from the heap, and their holes fragment it: on the bundled model ~350-420 MB of
 a ~770 MB heap was free at steady state, yet resident.
 
 Two explicit, process-wide levers (both are no-ops where the C library is not glibc):
