@@ -26,12 +26,10 @@ from torch import nn
 from slimtune.atomic import save_safetensors_atomically
 from slimtune.errors import AdapterError
 from slimtune.methods.lora import (
-    AdapterLayer, DoRALinear, LoRALinear, attach_lora, lora_layers, lora_state_dict, pattern_value,
+    CONFIG_NAME, WEIGHTS_NAME, AdapterLayer, DoRALinear, LoRALinear, attach_lora, lora_layers, lora_state_dict, pattern_value,
 )
 from slimtune.methods.targets import linear_layers, resolve_targets, short_names
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 

@@ -11,110 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-import re
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from slimtune.errors import ConfigError
+from slimtune.methods.adalora import AdaLoraSettings
+from slimtune.methods.freeze import FreezeSettings
+from slimtune.methods.lora import LoraSettings
+from slimtune.section import Section as _Section
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LoraSettings(_Section):
-    """LoRA (Hu et al., 2021): y = W x + (alpha / r) B A x with A (r, d_in), B (d_out, r)."""
-
-    r: int = Field(16, gt=0, description="Rank of the update B A.")
-    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is multiplied by alpha / r.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input x.")
-    targets: str | list[str] = Field(
-        "all-linear",
-        description="Modules to adapt: 'all-linear' (every nn.Linear but the LM head), a list of names "
-        "(a module matches if its path equals or ends with '.<name>'), or one regex matched against the "
-        "full module path.",
-    )
-    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
-    use_dora: bool = Field(False, description="DoRA: also learn a per-output magnitude m; W' = m (W + s B A) / "
-                           "||W + s B A||. Same as method: dora.")
-    rank_pattern: dict[str, int] = Field(
-        default_factory=dict, description="Per-module rank: {regex: r}; a key matches a module path that ends "
-        "with it after a '.' (PEFT's rank_pattern), e.g. {v_proj: 8}.")
-    alpha_pattern: dict[str, float] = Field(
-        default_factory=dict, description="Per-module alpha, matched like rank_pattern (PEFT's alpha_pattern).")
-
-    @field_validator("rank_pattern", "alpha_pattern")
-    @classmethod
-    def _patterns_valid(cls, value: dict[str, float]) -> dict[str, float]:
-        for key, number in value.items():
-            try:
-                re.compile(key)
-            except re.error as exc:
-                raise ValueError(f"key '{key}' is not a valid regex ({exc})") from None
-            if number <= 0:
-                raise ValueError(f"value for '{key}' must be > 0, got {number}")
-        return value
-
-
-class AdaLoraSettings(_Section):
-    """AdaLoRA (Zhang et al., 2023): SVD-form updates s P diag(lambda) Q whose rank moves to the matrices
-    that matter. Uses lora.targets, lora.alpha (s = alpha / init_r) and lora.dropout."""
-
-    init_r: int = Field(12, gt=0, description="Initial rank of every adapted matrix.")
-    target_r: int = Field(8, gt=0, description="Average rank per matrix after allocation: the final budget is "
-                          "target_r x the number of adapted matrices.")
-    tinit: int | None = Field(None, ge=0, description="Steps at the initial budget before ranks are pruned; "
-                              "null = 10% of the steps.")
-    tfinal: int | None = Field(None, ge=0, description="Final steps with the allocation frozen at the target budget; "
-                               "null = 20% of the steps.")
-    delta_t: int = Field(1, gt=0, description="Reallocate ranks every delta_t steps during the budget decay.")
-    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity |theta * grad|.")
-    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity's uncertainty.")
-    orth_reg: float = Field(0.1, ge=0, description="Weight of the orthogonality penalty ||P^T P - I||^2 + "
-                            "||Q Q^T - I||^2 (mean over adapted matrices), added to the loss and logged as extra_loss.")
-
-    @model_validator(mode="after")
-    def _target_within_initial(self) -> "AdaLoraSettings":
-        if self.target_r > self.init_r:
-            raise ValueError(f"adalora.target_r={self.target_r} exceeds adalora.init_r={self.init_r}: ranks are only "
-                             "pruned, so use target_r <= init_r")
-        return self
-
-
-class FreezeSettings(_Section):
-    """Freeze tuning: which parameters train (the union of everything set); all others stay frozen."""
-
-    last_layers: int | None = Field(None, gt=0, description="Train the last N decoder layers.")
-    first_layers: int | None = Field(None, gt=0, description="Train the first N decoder layers.")
-    layers: str | None = Field(None, description="Decoder layers to train: indices and ranges, e.g. '0-3,10' "
-                               "(negative indices count from the end).")
-    patterns: list[str] = Field(default_factory=list, description="Regexes searched in parameter names, e.g. "
-                                "['mlp\\.down_proj'].")
-    train_embeddings: bool = Field(False, description="Train the input embeddings.")
-    train_norms: bool = Field(False, description="Train every norm layer (RMSNorm / LayerNorm).")
-    train_lm_head: bool = Field(False, description="Train the LM head (tied to the embeddings in e.g. SmolLM2: "
-                                "then both train).")
-
-    @field_validator("layers")
-    @classmethod
-    def _layers_syntax(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"\s*-?\d+(\s*-\s*-?\d+)?(\s*,\s*-?\d+(\s*-\s*-?\d+)?)*\s*", value):
-            raise ValueError("must list layer indices and ranges like '0-3,10'")
-        return value
-
-    @field_validator("patterns")
-    @classmethod
-    def _patterns_compile(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"'{pattern}' is not a valid regex ({exc})") from None
-        return value
-
-    def selects_anything(self) -> bool:
-        return bool(self.last_layers or self.first_layers or self.layers or self.patterns or self.train_embeddings
-                    or self.train_norms or self.train_lm_head)
+# The sections that belong to methods (each defined in its method's module); a method reads some of them.
+METHOD_SECTIONS = ("lora", "adalora", "freeze")
 
 
 class DataSettings(_Section):
@@ -174,6 +80,10 @@ class TrainSettings(_Section):
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N optimizer steps.")
     save_every: int | None = Field(100, gt=0, description="Checkpoint every N steps (and at the end); null = only at the end.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep the newest N checkpoints.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Trackers that get every metrics row besides metrics.jsonl: tensorboard "
+        "(event files in <output>/tensorboard), wandb, mlflow (each needs its package; their own environment "
+        "variables choose offline modes).")
     on_nan: Literal["stop", "skip"] = Field(
         "stop", description="Non-finite loss or gradients: stop with a diagnostic, or skip the step.")
 
@@ -190,15 +100,17 @@ class Config(_Section):
     """A whole run. See the README's config reference for every key."""
 
     model: str = Field("smollm2-135m", description="Base model: alias, HF directory, .gguf file or hub id.")
-    method: Literal["lora", "qlora", "dora", "adalora", "freeze", "full"] = Field(
+    method: str = Field(
         "lora", description="Fine-tuning method: lora (lora.*), qlora (LoRA on a base frozen in 4-bit NF4), "
-        "dora (LoRA with lora.use_dora), adalora (adalora.*: adaptive rank allocation), freeze (freeze.*: train "
-        "a chosen subset), full (every parameter).")
+        "dora (LoRA with a learned magnitude), adalora (adalora.*: adaptive rank allocation), freeze (freeze.*: "
+        "train a chosen subset), full (every parameter).")
     quantize: Literal["none", "nf4"] = Field(
         "none", description="nf4: freeze the base's linear layers (not the LM head) in 4-bit NormalFloat with "
-        "double quantization, block 64 (QLoRA); method: qlora implies it.")
+        "double quantization, block 64. A PEFT-style alias: method: lora with quantize: nf4 is method: qlora; "
+        "adalora accepts it too.")
     output: Path = Field(Path("runs/run"), description="Run directory for adapter files, metrics and eval.")
-    overwrite: bool = Field(False, description="Replace a finished run already in `output`.")
+    overwrite: bool = Field(False, description="Replace a finished run, or an unfinished run's checkpoints, "
+                            "already in `output`.")
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in `output`.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
@@ -214,47 +126,113 @@ class Config(_Section):
             raise ValueError("must name a model, e.g. 'smollm2-135m' or a HF model directory")
         return value
 
-    @model_validator(mode="after")
-    def _freeze_selects_something(self) -> "Config":
-        if self.method == "freeze" and not self.freeze.selects_anything():
-            raise ValueError("method: freeze needs a selection: set freeze.last_layers (e.g. 2), first_layers, "
-                             "layers, patterns, train_embeddings, train_norms or train_lm_head")
-        return self
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, value: str) -> str:
+        from slimtune.methods.registry import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}': choose one of {', '.join(METHODS)}")
+        return value
 
     @model_validator(mode="after")
-    def _quantize_fits_method(self) -> "Config":
-        if self.quantized and self.method in ("freeze", "full"):
-            raise ValueError(f"quantize: nf4 freezes the base in 4 bits, but method: {self.method} trains base "
-                             "weights; use it with method: lora or qlora")
-        if self.quantized and self.uses_dora:
-            raise ValueError("DoRA on a 4-bit base is not supported yet: use method: qlora without lora.use_dora, "
-                             "or dora without quantize")
+    def _fits_method(self) -> "Config":
+        """Checks across sections, every problem at once (one line each)."""
+        problems = self._unread_keys() + self._quantize_problems() + self._optimizer_problems()
+        if problems:
+            raise ValueError("\n  - ".join(problems))
         return self
 
-    @model_validator(mode="after")
-    def _adalora_options(self) -> "Config":
-        if self.method != "adalora":
-            return self
-        unused = [key for key, value in (("lora.use_dora", self.lora.use_dora), ("lora.rslora", self.lora.rslora),
-                                         ("lora.rank_pattern", self.lora.rank_pattern),
-                                         ("lora.alpha_pattern", self.lora.alpha_pattern)) if value]
-        if unused:
-            raise ValueError(f"method: adalora allocates ranks itself and does not support {', '.join(unused)}: "
-                             "remove them (adalora.init_r and adalora.target_r set the ranks)")
-        return self
+    def _unread_keys(self) -> list[str]:
+        """A key the method does not read is an error naming what it reads (and its equivalent, if any)."""
+        plugin = self.plugin
+        problems = []
+        for section in METHOD_SECTIONS:
+            given = sorted(getattr(self, section).model_fields_set)
+            read = plugin.sections.get(section, ()) if section in plugin.sections else ()
+            if section in plugin.sections and read is None:
+                continue
+            for key in given:
+                if key in read:
+                    continue
+                dotted = f"{section}.{key}"
+                hint = plugin.equivalents.get(dotted)
+                reads = ", ".join(f"{name}.*" if keys is None else ", ".join(f"{name}.{k}" for k in keys)
+                                  for name, keys in plugin.sections.items()) or "no method section"
+                problems.append(f"{dotted} does not apply to method: {self.method}"
+                                + (f" (use {hint})" if hint else "") + f"; it reads {reads}")
+        return problems
+
+    def _quantize_problems(self) -> list[str]:
+        plugin = self.plugin
+        if self.quantize == "nf4" and not (plugin.accepts_quantized_base or plugin.quantized_base):
+            what = "trains base weights" if plugin.trains_base_weights else "does not support a 4-bit base yet"
+            return [f"quantize: nf4 freezes the base in 4 bits, but method: {self.method} {what}; "
+                    "use method: qlora (or lora, adalora with quantize: nf4)"]
+        if self.method == "qlora" and self.lora.use_dora:
+            return ["DoRA on a 4-bit base is not supported yet: use method: qlora without lora.use_dora, "
+                    "or method: dora without quantize"]
+        return []
+
+    def _optimizer_problems(self) -> list[str]:
+        if self.train.offload_optimizer and self.train.optimizer != "adamw8bit":
+            return [f"train.offload_optimizer: true needs train.optimizer: adamw8bit (got {self.train.optimizer}): "
+                    "offloading streams 8-bit moments; set train.optimizer=adamw8bit or train.offload_optimizer=false"]
+        return []
+
+    @property
+    def method_name(self) -> str:
+        """The method after PEFT-style aliases: lora + lora.use_dora is dora, lora + quantize: nf4 is qlora."""
+        if self.method == "lora" and self.lora.use_dora:
+            return "dora"
+        if self.method == "lora" and self.quantize == "nf4":
+            return "qlora"
+        return self.method
+
+    @property
+    def plugin(self):
+        """The `Method` plugin that runs this config (methods/registry.py)."""
+        from slimtune.methods.registry import get_method
+
+        return get_method(self.method_name)
 
     @property
     def quantized(self) -> bool:
         """True when the base's linear layers are frozen in NF4 (method qlora or quantize: nf4)."""
-        return self.method == "qlora" or self.quantize == "nf4"
+        return self.plugin.quantized_base or self.quantize == "nf4"
 
     @property
     def uses_dora(self) -> bool:
-        return self.method == "dora" or (self.method in ("lora", "qlora") and self.lora.use_dora)
+        return self.method_name == "dora"
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        """The resolved config as plain YAML-able data (paths as strings)."""
-        return self.model_dump(mode="json")
+        """The resolved config as plain YAML-able data (paths as strings), with only the method sections
+        and keys that the method reads, so that the file reads back as the same config."""
+        data = self.model_dump(mode="json")
+        sections = self.plugin.sections
+        for section in METHOD_SECTIONS:
+            if section not in sections:
+                del data[section]
+            elif sections[section] is not None:
+                data[section] = {key: data[section][key] for key in sections[section]}
+        return data
+
+
+def drop_unread_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config without the method keys its method does not read (older runs saved every
+    section), so it validates under today's per-method rules."""
+    from slimtune.methods.registry import METHODS
+
+    plugin = METHODS.get(data.get("method", "lora"))
+    if plugin is None:
+        return data
+    data = dict(data)
+    for section in METHOD_SECTIONS:
+        if section not in plugin.sections:
+            data.pop(section, None)
+        elif plugin.sections[section] is not None and isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items() if k in plugin.sections[section]}
+    return data
 
 
 def _valid_keys(section: type[BaseModel], prefix: str = "") -> list[str]:
@@ -340,7 +318,7 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         problems = "\n".join("  - " + _describe(e) for e in exc.errors())
-        raise ConfigError(f"{source} has {exc.error_count()} problem(s):\n{problems}") from None
+        raise ConfigError(f"{source} has {problems.count(chr(10)) + 1} problem(s):\n{problems}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -14,10 +14,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from slimtune.api import finetune, load_run, save_method
+from slimtune.api import finetune, load_run
+from slimtune.methods.base import AttachedMethod
 from slimtune.config import build_config
 from slimtune.data import load_dataset
-from slimtune.errors import AdapterError, ConfigError
+from slimtune.errors import ConfigError
 from slimtune.methods.adalora import AdaLoRAMethod, SVDLinear, attach_adalora, budget_at, keep_masks, svd_layers
 from slimtune.methods.adalora_report import rank_grid
 from slimtune.models import load_model
@@ -26,6 +27,16 @@ from slimtune.train.loop import TrainingInterrupted, run_training, seed_everythi
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
+
+
+def attach_method(model, cfg, console):
+    """The config's method plugin attached to `model`."""
+    return cfg.plugin.attach(model, cfg, console)
+
+
+def save_method(model, tokenizer, cfg, out, base_model, steps=1):
+    """The config's method plugin saving `model` (attached earlier) into `out`."""
+    return cfg.plugin.save(AttachedMethod(cfg.method_name, model), tokenizer, cfg, out, base_model, steps)
 
 def paper_budget(t: int, b0: int, bt: int, ti: int, tf: int, total: int) -> int:
     """Eq. 12 of the paper in exact rational arithmetic, then rounded down."""
@@ -300,9 +311,9 @@ def test_bad_adalora_settings_are_named(tiny_model_dir, data_file, tmp_path):
         build_config({"data": {"train": "x.jsonl"}, "method": "adalora", "lora": {"use_dora": True}})
     cfg = _config(tiny_model_dir, data_file, tmp_path / "run", max_steps=4)
     cfg.adalora.tinit = 3
-    with pytest.raises(AdapterError, match="tinit=3 and adalora.tfinal=2 leave no budget phase in a run of 4 steps"):
+    with pytest.raises(ConfigError, match="tinit=3 and adalora.tfinal=2 leave no budget phase in a run of 4 steps"):
         finetune(cfg, Console(quiet=True))
-    assert not (tmp_path / "run" / "metrics.jsonl").exists(), "a schedule that cannot work must fail before training"
+    assert not (tmp_path / "run").exists(), "a schedule that cannot work must fail before the output is touched"
 
 
 def test_rank_grid_lays_out_layers_and_modules():

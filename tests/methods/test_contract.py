@@ -14,7 +14,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from slimtune.api import attach_method, load_run, merge_run, save_method
+from slimtune.api import load_run, merge_run
+from slimtune.methods.base import AttachedMethod
 from slimtune.config import build_config
 from slimtune.errors import AdapterError
 from slimtune.methods.lora import lora_layers, merge_and_unload, merge_lora
@@ -32,6 +33,16 @@ METHODS = {
     "full": {"method": "full"},
 }
 
+
+
+def attach_method(model, cfg, console):
+    """The config's method plugin attached to `model`."""
+    return cfg.plugin.attach(model, cfg, console)
+
+
+def save_method(model, tokenizer, cfg, out, base_model, steps=1):
+    """The config's method plugin saving `model` (attached earlier) into `out`."""
+    return cfg.plugin.save(AttachedMethod(cfg.method_name, model), tokenizer, cfg, out, base_model, steps)
 
 def config_for(name: str, model_dir, out):
     return build_config({"model": str(model_dir), "data": {"train": "unused.jsonl"}, "output": str(out), **METHODS[name]})

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slimtune.methods.lora import attach_lora
-from slimtune.train.loop import checkpoint_some_layers
+from slimtune.train.prepare import checkpoint_some_layers
 
 
 def _step(model, ids):

@@ -97,11 +97,11 @@ def test_heap_settings_leave_training_unchanged(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("heap, noted", [({"trim_memory": True}, True), ({"mmap_threshold_mb": 4}, True), ({}, False)])
 def test_without_glibc_chosen_settings_get_a_note_and_the_default_none(heap, noted, tiny_model_dir, tmp_path,
                                                                        monkeypatch):
-    import slimtune.api
+    import slimtune.stages
     from slimtune.api import finetune
     from slimtune.config import build_config
 
-    monkeypatch.setattr(slimtune.api, "heap_control_available", lambda: False)  # as on musl or macOS
+    monkeypatch.setattr(slimtune.stages, "heap_control_available", lambda: False)  # as on musl or macOS
     (tmp_path / "train.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n", encoding="utf-8")
     console = Console(record=True, width=200)
     finetune(build_config({

@@ -29,17 +29,55 @@ last step of a run with t_final = 0 applies the target budget.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from slimtune.errors import AdapterError
-from slimtune.methods.base import AttachedMethod
-from slimtune.methods.lora import AdapterLayer, _set_submodule, freeze_layer, lora_layers
+from slimtune.methods.adalora_report import BUDGET_PLOT, RANK_HEATMAP
+from slimtune.methods.base import AttachedMethod, Method, load_base
+from slimtune.methods.lora import (
+    CONFIG_NAME, WEIGHTS_NAME, AdapterLayer, LoRAMethod, _set_submodule, adapters_disabled, freeze_layer, lora_layers,
+)
 from slimtune.methods.lowrank import dropped_low_rank
 from slimtune.methods.targets import linear_layers, resolve_targets
+from slimtune.section import Section
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from slimtune.config import Config
+
+
+class AdaLoraSettings(Section):
+    """AdaLoRA (Zhang et al., 2023): SVD-form updates s P diag(lambda) Q whose rank moves to the matrices
+    that matter. Uses lora.targets, lora.alpha (s = alpha / init_r) and lora.dropout."""
+
+    init_r: int = Field(12, gt=0, description="Initial rank of every adapted matrix.")
+    target_r: int = Field(8, gt=0, description="Average rank per matrix after allocation: the final budget is "
+                          "target_r x the number of adapted matrices.")
+    tinit: int | None = Field(None, ge=0, description="Steps at the initial budget before ranks are pruned; "
+                              "null = 10% of the steps.")
+    tfinal: int | None = Field(None, ge=0, description="Final steps with the allocation frozen at the target budget; "
+                               "null = 20% of the steps.")
+    delta_t: int = Field(1, gt=0, description="Reallocate ranks every delta_t steps during the budget decay.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity |theta * grad|.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity's uncertainty.")
+    orth_reg: float = Field(0.1, ge=0, description="Weight of the orthogonality penalty ||P^T P - I||^2 + "
+                            "||Q Q^T - I||^2 (mean over adapted matrices), added to the loss and logged as extra_loss.")
+
+    @model_validator(mode="after")
+    def _target_within_initial(self) -> "AdaLoraSettings":
+        if self.target_r > self.init_r:
+            raise ValueError(f"adalora.target_r={self.target_r} exceeds adalora.init_r={self.init_r}: ranks are only "
+                             "pruned, so use target_r <= init_r")
+        return self
 
 
 class SVDLinear(AdapterLayer):
@@ -225,6 +263,11 @@ class AdaLoRAMethod(AttachedMethod):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.named.values())
 
+    @contextmanager
+    def base_view(self) -> Iterator[nn.Module]:
+        with adapters_disabled(self.model):
+            yield self.model
+
     def extra_loss(self) -> torch.Tensor | None:
         """orth_reg * mean over layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2."""
         if self.orth_reg == 0:
@@ -298,3 +341,72 @@ def parse_rank_pattern(rank_pattern: Mapping[str, Sequence[bool]]) -> dict[str, 
             raise AdapterError(f"rank_pattern entry {key!r}: expected '<module path>.lora_E' -> a list of true/false")
         parsed[path] = kept
     return parsed
+
+
+class AdaLoRA(Method):
+    """AdaLoRA: `adalora.*` plus lora.targets / alpha / dropout; PEFT's ADALORA files; rank pictures."""
+
+    name = "adalora"
+    summary = "SVD-form updates whose rank moves to the matrices that matter (adalora.*)"
+    sections = {"lora": ("targets", "alpha", "dropout"), "adalora": None}
+    equivalents = {"lora.r": "adalora.init_r / adalora.target_r",
+                   "lora.rank_pattern": "adalora.init_r / adalora.target_r (ranks are allocated by importance)",
+                   "lora.use_dora": "method: dora", "lora.rslora": "method: lora with lora.rslora"}
+    accepts_quantized_base = True
+    run_files = (CONFIG_NAME, WEIGHTS_NAME, RANK_HEATMAP, BUDGET_PLOT)
+    weights_files = (WEIGHTS_NAME,)
+
+    def check(self, cfg: Config, skeleton: nn.Module, steps: int, console: Console) -> list[str]:
+        problems = super().check(cfg, skeleton, steps, console)
+        ada = cfg.adalora
+        try:
+            AdaLoRASchedule.resolve(steps, ada.tinit, ada.tfinal, ada.delta_t)
+        except AdapterError as exc:
+            problems.append(str(exc))
+        return problems
+
+    def attach(self, model: nn.Module, cfg: Config, console: Console, quiet: bool = False) -> AttachedMethod:
+        ada = cfg.adalora
+        attach_adalora(model, cfg.lora.targets, init_r=ada.init_r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
+        return AdaLoRAMethod(model, init_r=ada.init_r, target_r=ada.target_r, tinit=ada.tinit, tfinal=ada.tfinal,
+                             delta_t=ada.delta_t, beta1=ada.beta1, beta2=ada.beta2, orth_reg=ada.orth_reg)
+
+    def save(self, attached: AttachedMethod, tokenizer: Any, cfg: Config, out: Path, base_model: str,
+             steps: int) -> str:
+        from slimtune.adapters import adalora_adapter_config, save_adalora_adapter, target_modules_for
+
+        layers = svd_layers(attached.model)
+        ada = cfg.adalora
+        plan = AdaLoRASchedule.resolve(steps, ada.tinit, ada.tfinal, ada.delta_t)
+        config = adalora_adapter_config(
+            init_r=ada.init_r, target_r=ada.target_r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+            target_modules=target_modules_for(attached.model, list(layers)), base_model=base_model, tinit=plan.tinit,
+            tfinal=plan.tfinal, delta_t=plan.delta_t, beta1=ada.beta1, beta2=ada.beta2, orth_reg=ada.orth_reg,
+            total_step=plan.total, rank_pattern={path: layer.kept.tolist() for path, layer in layers.items()})
+        save_adalora_adapter(attached.model, out, config)
+        return f"{WEIGHTS_NAME}, {CONFIG_NAME}"
+
+    def write_reports(self, attached: AttachedMethod, rows: list[dict], cfg: Config, out: Path) -> list[str]:
+        from slimtune.methods.adalora_report import plot_budget, plot_rank_heatmap
+
+        plot_rank_heatmap(attached.final_ranks(), cfg.adalora.init_r, out / RANK_HEATMAP)
+        plot_budget(rows, out / BUDGET_PLOT)
+        return [RANK_HEATMAP, BUDGET_PLOT]
+
+    def recognises(self, run_dir: Path) -> bool:
+        from slimtune.adapters import read_adapter_config
+
+        return (run_dir / CONFIG_NAME).is_file() and read_adapter_config(run_dir)["peft_type"] == "ADALORA"
+
+    def recorded_base(self, run_dir: Path) -> str | None:
+        from slimtune.adapters import read_adapter_config
+
+        return read_adapter_config(run_dir).get("base_model_name_or_path")
+
+    def load(self, run_dir: Path, base_name: str | None, quantized: bool) -> tuple[nn.Module, Any, AttachedMethod]:
+        from slimtune.adapters import load_lora_adapter, read_adapter_config
+
+        read_adapter_config(run_dir)
+        model, tokenizer = load_base(base_name, quantized)
+        load_lora_adapter(model, run_dir)  # as the LoRA adapter it equals
+        return model, tokenizer, LoRAMethod(self.name, model)

@@ -1,26 +1,42 @@
-"""The small interface through which the training loop knows a method.
+"""How the rest of slimtune knows a fine-tuning method: two small interfaces.
 
-The loop never imports a method module. It asks the attached method for its trainable parameters,
-calls `on_step_end` after each optimizer step, before the gradients are cleared (AdaLoRA's rank
-allocation lives there), adds `extra_loss()` to the loss explicitly (AdaLoRA's orthogonality penalty),
-logging it as its own metric, and keeps `state_tensors()` in every checkpoint so a resumed run continues
-the method's own state (AdaLoRA's importance averages and masks) too.
+`Method` is the plugin, one per method (`methods/registry.py` maps names to them). It owns everything
+about the method outside the training loop: which config keys it reads, its validation against the
+model (run on a weightless skeleton in the *check* stage) and the run length, attaching it, the files
+it writes and saving them, recognising and loading a finished run, and its reports.
+
+`AttachedMethod` is the method on one model, as the loop and the finish stage see it. The loop never
+imports a method module: it asks for the trainable parameters, calls `on_step_end` after each
+optimizer step, before the gradients are cleared (AdaLoRA's rank allocation lives there), adds
+`extra_loss()` explicitly (AdaLoRA's orthogonality penalty), logged as its own metric, and keeps
+`state_tensors()` in every checkpoint so a resumed run continues the method's own state too.
+`base_view()` gives the model as it was before tuning, for the "base" row of an evaluation, and
+`merged()` the model with the method folded into plain layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from slimtune.errors import SlimtuneError
 
-@dataclass
+if TYPE_CHECKING:  # the config imports the methods' sections, so only for type hints
+    from rich.console import Console
+
+    from slimtune.config import Config
+
+
 class AttachedMethod:
     """A method attached to a model. Subclasses override the hooks they need."""
 
-    name: str
-    model: nn.Module
+    def __init__(self, name: str, model: nn.Module) -> None:
+        self.name, self.model = name, model
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -40,6 +56,16 @@ class AttachedMethod:
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `state_tensors` returned (on resume)."""
 
+    @contextmanager
+    def base_view(self) -> Iterator[nn.Module]:
+        """The base model inside the block: adapters off and every trained base tensor restored."""
+        raise NotImplementedError(f"{type(self).__name__} has no base view")
+        yield self.model  # pragma: no cover
+
+    def merged(self) -> nn.Module:
+        """The tuned model as plain layers (a no-op where the weights already hold the result)."""
+        return self.model
+
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; tied weights counted once, 4-bit weights (buffers) counted."""
         from slimtune.quant.linear4bit import Linear4bit
@@ -54,3 +80,70 @@ class AttachedMethod:
             trainable += param.numel() if param.requires_grad else 0
         total += sum(m.in_features * m.out_features for m in self.model.modules() if isinstance(m, Linear4bit))
         return trainable, total
+
+
+class Method:
+    """A fine-tuning method as a plugin: a name, the config keys it reads and what it does with them."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    # Config keys the method reads: {section: keys}, None = every key of the section. A key the user set
+    # in a section (or part of one) the method does not read is a config error naming the keys that apply.
+    sections: ClassVar[dict[str, tuple[str, ...] | None]] = {}
+    # Keys of other methods that users reach for, and what this method calls them ("lora.r" -> ...).
+    equivalents: ClassVar[dict[str, str]] = {}
+    quantized_base: ClassVar[bool] = False        # the base is frozen in NF4 (QLoRA)
+    accepts_quantized_base: ClassVar[bool] = False  # `quantize: nf4` may be combined with it
+    trains_base_weights: ClassVar[bool] = False
+    run_files: ClassVar[tuple[str, ...]] = ()     # every file a finished run holds (cleared by overwrite)
+    weights_files: ClassVar[tuple[str, ...]] = ()  # written last: their presence marks a finished run
+
+    # -- check: no weights -------------------------------------------------------------------------
+    def check(self, cfg: Config, skeleton: nn.Module, steps: int, console: Console) -> list[str]:
+        """Problems with this method on `skeleton` (the model on the meta device) for a run of `steps`
+        optimizer steps, one line each. The default attaches the method to the skeleton."""
+        try:
+            self.attach(skeleton, cfg, console, quiet=True)
+        except SlimtuneError as exc:
+            return [str(exc)]
+        return []
+
+    # -- build -------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, cfg: Config, console: Console, quiet: bool = False) -> AttachedMethod:
+        raise NotImplementedError
+
+    # -- finish ------------------------------------------------------------------------------------
+    def save(self, attached: AttachedMethod, tokenizer: Any, cfg: Config, out: Path, base_model: str,
+             steps: int) -> str:
+        """Write the trained result into `out`, its weights last; returns what was written, for the log."""
+        raise NotImplementedError
+
+    def write_reports(self, attached: AttachedMethod, rows: list[dict], cfg: Config, out: Path) -> list[str]:
+        """Method-specific pictures and tables in `out`; returns the file names."""
+        return []
+
+    # -- a finished run ----------------------------------------------------------------------------
+    def recognises(self, run_dir: Path) -> bool:
+        """True when `run_dir` holds this method's finished files (used without a config.yaml)."""
+        return False
+
+    def recorded_base(self, run_dir: Path) -> str | None:
+        """The base model the run's own files name, if they name one."""
+        return None
+
+    def load(self, run_dir: Path, base_name: str | None, quantized: bool) -> tuple[nn.Module, Any, AttachedMethod]:
+        """(model, tokenizer, attached) of a finished run, for inference: the base (NF4 when `quantized`)
+        with the run's result on it."""
+        raise NotImplementedError
+
+
+def load_base(base_name: str, quantized: bool):
+    """(model, tokenizer) of a base for inference in fp32; NF4-quantized (streamed) when `quantized`."""
+    from slimtune.models import load_model
+    from slimtune.models.streaming import load_quantized_model
+
+    if quantized:  # an adapter trained on the 4-bit base: rebuild that base
+        model, tokenizer, _, _, _ = load_quantized_model(base_name, torch.float32, torch.device("cpu"), torch.float32)
+        return model, tokenizer
+    model, tokenizer, _ = load_model(base_name)
+    return model, tokenizer

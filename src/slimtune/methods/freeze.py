@@ -17,21 +17,72 @@ most small steps. Matmuls still run in bf16 under autocast.
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field, field_validator
 from safetensors.torch import load_file
 from torch import nn
 
 from slimtune.atomic import save_safetensors_atomically
 from slimtune.errors import AdapterError
-from slimtune.methods.base import AttachedMethod
+from slimtune.methods.base import AttachedMethod, Method, load_base
+from slimtune.section import Section
 
 FREEZE_CONFIG = "freeze_config.json"
 FREEZE_WEIGHTS = "freeze_model.safetensors"
+# A full fine-tuning run is a plain HF model directory; these files are what it adds.
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+FULL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+# Freeze tuning without a selection trains this many last decoder layers (LLaMA-Factory's default too).
+DEFAULT_LAST_LAYERS = 2
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from slimtune.config import Config
+
+
+class FreezeSettings(Section):
+    """Freeze tuning: which parameters train (the union of everything set); all others stay frozen."""
+
+    last_layers: int | None = Field(None, gt=0, description="Train the last N decoder layers.")
+    first_layers: int | None = Field(None, gt=0, description="Train the first N decoder layers.")
+    layers: str | None = Field(None, description="Decoder layers to train: indices and ranges, e.g. '0-3,10' "
+                               "(negative indices count from the end).")
+    patterns: list[str] = Field(default_factory=list, description="Regexes searched in parameter names, e.g. "
+                                "['mlp\\.down_proj'].")
+    train_embeddings: bool = Field(False, description="Train the input embeddings.")
+    train_norms: bool = Field(False, description="Train every norm layer (RMSNorm / LayerNorm).")
+    train_lm_head: bool = Field(False, description="Train the LM head (tied to the embeddings in e.g. SmolLM2: "
+                                "then both train).")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_syntax(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\s*-?\d+(\s*-\s*-?\d+)?(\s*,\s*-?\d+(\s*-\s*-?\d+)?)*\s*", value):
+            raise ValueError("must list layer indices and ranges like '0-3,10'")
+        return value
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"'{pattern}' is not a valid regex ({exc})") from None
+        return value
+
+    def selects_anything(self) -> bool:
+        return bool(self.last_layers or self.first_layers or self.layers or self.patterns or self.train_embeddings
+                    or self.train_norms or self.train_lm_head)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -198,9 +249,146 @@ def load_freeze(model: nn.Module, run_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-class FullMethod(AttachedMethod):
-    """Full fine-tuning: every parameter trains."""
+class FrozenCopies(AttachedMethod):
+    """A method that changes base tensors in place; keeps their original values for the base view."""
+
+    def __init__(self, name: str, model: nn.Module, originals: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__(name, model)
+        self.originals = originals or {}  # parameter name -> its value before tuning (on the CPU)
+
+    @staticmethod
+    def copies(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        named = dict(model.named_parameters())
+        return {name: named[name].detach().to("cpu", copy=True) for name in names if not named[name].is_meta}
+
+    @contextmanager
+    def base_view(self) -> Iterator[nn.Module]:
+        named = dict(self.model.named_parameters())
+        tuned = {}
+        try:
+            for name, original in self.originals.items():
+                tuned[name] = named[name].data
+                named[name].data = original.to(tuned[name].device)
+            yield self.model
+        finally:
+            for name, data in tuned.items():
+                named[name].data = data
 
 
-class FreezeMethod(AttachedMethod):
+class FreezeMethod(FrozenCopies):
     """Freeze tuning: the parameters `attach_freeze` unfroze train, the rest stay fixed."""
+
+
+class FullMethod(AttachedMethod):
+    """Full fine-tuning: every parameter trains. The base view loads the base model again."""
+
+    def __init__(self, name: str, model: nn.Module, base_name: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(name, model)
+        self.base_name, self.dtype = base_name, dtype
+
+    @contextmanager
+    def base_view(self) -> Iterator[nn.Module]:
+        from slimtune.models import load_model
+
+        if not self.base_name:
+            raise AdapterError("this full fine-tuning run does not name its base model (it has no config.yaml)")
+        device = next(self.model.parameters()).device
+        base, _, _ = load_model(self.base_name, dtype=self.dtype)
+        try:
+            yield base.to(device).eval()
+        finally:
+            del base
+
+
+def _freeze_selection(settings: FreezeSettings) -> dict[str, Any]:
+    return {"last_layers": settings.last_layers, "first_layers": settings.first_layers, "layers": settings.layers,
+            "patterns": settings.patterns, "train_embeddings": settings.train_embeddings,
+            "train_norms": settings.train_norms, "train_lm_head": settings.train_lm_head}
+
+
+class Freeze(Method):
+    """Freeze tuning: `freeze.*` picks what trains. Files: freeze_model.safetensors + freeze_config.json."""
+
+    name = "freeze"
+    summary = "train a chosen subset of the base (freeze.*; default: the last 2 decoder layers)"
+    sections = {"freeze": None}
+    equivalents = {"lora.targets": "freeze.patterns or freeze.layers"}
+    trains_base_weights = True
+    run_files = (FREEZE_CONFIG, FREEZE_WEIGHTS)
+    weights_files = (FREEZE_WEIGHTS,)
+
+    def attach(self, model: nn.Module, cfg: Config, console: Console, quiet: bool = False) -> AttachedMethod:
+        settings = cfg.freeze
+        selection = _freeze_selection(settings)
+        if not settings.selects_anything():
+            selection["last_layers"] = DEFAULT_LAST_LAYERS
+            if not quiet:
+                console.print(f"note: freeze.* selects nothing, so the last {DEFAULT_LAST_LAYERS} decoder layers "
+                              "train (set freeze.last_layers, layers, patterns, ... to choose)")
+        chosen = attach_freeze(model, **selection)
+        originals = FrozenCopies.copies(model, chosen)
+        if not quiet and embeddings_tied(model) and settings.train_embeddings != settings.train_lm_head:
+            console.print("note: this model ties the LM head to the input embeddings, so training one trains both")
+        return FreezeMethod(self.name, model, originals)
+
+    def save(self, attached: AttachedMethod, tokenizer: Any, cfg: Config, out: Path, base_model: str,
+             steps: int) -> str:
+        save_freeze(attached.model, out, base_model=base_model)
+        return f"{FREEZE_WEIGHTS}, {FREEZE_CONFIG}"
+
+    def recognises(self, run_dir: Path) -> bool:
+        return (run_dir / FREEZE_CONFIG).is_file()
+
+    def recorded_base(self, run_dir: Path) -> str | None:
+        return read_freeze_config(run_dir).get("base_model")
+
+    def load(self, run_dir: Path, base_name: str | None, quantized: bool) -> tuple[nn.Module, Any, AttachedMethod]:
+        config = read_freeze_config(run_dir)
+        model, tokenizer = load_base(base_name, quantized)
+        named = dict(model.named_parameters())
+        originals = FrozenCopies.copies(model, [name for name in config["tensors"] if name in named])
+        load_freeze(model, run_dir)
+        return model, tokenizer, FreezeMethod(self.name, model, originals)
+
+
+class Full(Method):
+    """Full fine-tuning: every parameter trains; the run is a plain Hugging Face model directory."""
+
+    name = "full"
+    summary = "every parameter trains; the run is a Hugging Face model directory"
+    equivalents = {"lora.targets": "method: freeze with freeze.patterns"}
+    trains_base_weights = True
+    run_files = (*FULL_WEIGHTS, *FULL_FILES)
+    weights_files = FULL_WEIGHTS
+
+    def attach(self, model: nn.Module, cfg: Config, console: Console, quiet: bool = False) -> AttachedMethod:
+        dtype = next(model.parameters()).dtype  # before attach_full upcasts: the base view loads the base so
+        attach_full(model)
+        return FullMethod(self.name, model, cfg.model, dtype)
+
+    def save(self, attached: AttachedMethod, tokenizer: Any, cfg: Config, out: Path, base_model: str,
+             steps: int) -> str:
+        from slimtune.atomic import staged_directory
+
+        model = attached.model
+        # A plain HF model directory, staged beside `out` and moved in with the weights last.
+        with staged_directory(out / ".full-model") as staging:
+            model.config.use_cache = True
+            model.save_pretrained(staging, safe_serialization=True)
+            model.config.use_cache = False
+            tokenizer.save_pretrained(staging)
+        staged = out / ".full-model"
+        for file in sorted(staged.iterdir(), key=lambda f: f.name.startswith("model")):
+            os.replace(file, out / file.name)
+        staged.rmdir()
+        return "a Hugging Face model directory (model.safetensors, config.json, tokenizer)"
+
+    def recognises(self, run_dir: Path) -> bool:
+        return (run_dir / "config.json").is_file() and any((run_dir / name).is_file() for name in FULL_WEIGHTS)
+
+    def load(self, run_dir: Path, base_name: str | None, quantized: bool) -> tuple[nn.Module, Any, AttachedMethod]:
+        from slimtune.models import load_model
+
+        model, tokenizer, _ = load_model(str(run_dir))
+        return model, tokenizer, FullMethod(self.name, model, base_name)

@@ -22,14 +22,62 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from slimtune.errors import AdapterError
-from slimtune.methods.base import AttachedMethod
+from slimtune.methods.base import AttachedMethod, Method, load_base
 from slimtune.methods.lowrank import dropped_low_rank
 from slimtune.methods.targets import linear_layers, resolve_targets, short_names
+from slimtune.section import Section
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from slimtune.config import Config
+
+# PEFT's file names: the adapter's config and its weights (written last: it marks a finished run).
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class LoraSettings(Section):
+    """LoRA (Hu et al., 2021): y = W x + (alpha / r) B A x with A (r, d_in), B (d_out, r)."""
+
+    r: int = Field(16, gt=0, description="Rank of the update B A.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input x.")
+    targets: str | list[str] = Field(
+        "all-linear",
+        description="Modules to adapt: 'all-linear' (every nn.Linear but the LM head), a list of names "
+        "(a module matches if its path equals or ends with '.<name>'), or one regex matched against the "
+        "full module path.",
+    )
+    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
+    use_dora: bool = Field(False, description="DoRA: also learn a per-output magnitude m; W' = m (W + s B A) / "
+                           "||W + s B A||. Same as method: dora.")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Per-module rank: {regex: r}; a key matches a module path that ends "
+        "with it after a '.' (PEFT's rank_pattern), e.g. {v_proj: 8}.")
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alpha, matched like rank_pattern (PEFT's alpha_pattern).")
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns_valid(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, number in value.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"key '{key}' is not a valid regex ({exc})") from None
+            if number <= 0:
+                raise ValueError(f"value for '{key}' must be > 0, got {number}")
+        return value
 
 
 class AdapterLayer(nn.Module):
@@ -195,6 +243,8 @@ class DoRALinear(LoRALinear):
         where ||W_i||^2 is cached while W is unchanged, W A^T is (d_out, r) and A A^T is (r, r).
         """
         weight = self.base_layer.weight
+        if weight.is_meta:  # a weightless skeleton (the check stage): only the shape matters
+            return torch.empty(weight.shape[0], device="meta")
         with torch.autocast(weight.device.type, enabled=False):
             A, B = self.lora_A.weight.float(), self.lora_B.weight.float()
             cross = (B * (weight @ A.to(weight.dtype).T).float()).sum(dim=1)  # (d_out,)
@@ -433,7 +483,22 @@ def merge_state_dict(
 
 
 class LoRAMethod(AttachedMethod):
-    """LoRA attached to a model; trains only the `lora_A` / `lora_B` matrices."""
+    """LoRA attached to a model; trains only the `lora_A` / `lora_B` matrices (and DoRA's magnitudes).
+
+    Also the handle of any adapter loaded for inference (AdaLoRA's load as LoRA layers)."""
+
+    @contextmanager
+    def base_view(self) -> Iterator[nn.Module]:
+        with adapters_disabled(self.model):
+            yield self.model
+
+    def merged(self) -> nn.Module:
+        """W' = W + s B A in every adapted layer (an NF4 base dequantized to fp32 first), plain layers back."""
+        from slimtune.quant import Linear4bit, dequantize_model
+
+        if any(isinstance(m, Linear4bit) for m in self.model.modules()):
+            dequantize_model(self.model, torch.float32)
+        return merge_and_unload(self.model)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = []
@@ -444,3 +509,69 @@ class LoRAMethod(AttachedMethod):
             if isinstance(layer, DoRALinear):
                 params.append(layer.lora_magnitude_vector)
         return params
+
+
+class LoRA(Method):
+    """LoRA (and rsLoRA, per-module ranks): `lora.*`. Files: PEFT's adapter_config.json + adapter_model.safetensors."""
+
+    name = "lora"
+    summary = "low-rank updates B A on frozen linear layers (lora.*)"
+    sections = {"lora": None}
+    accepts_quantized_base = True
+    run_files = (CONFIG_NAME, WEIGHTS_NAME)
+    weights_files = (WEIGHTS_NAME,)
+    use_dora = False
+
+    def attach(self, model: nn.Module, cfg: Config, console: Console, quiet: bool = False) -> AttachedMethod:
+        lora = cfg.lora
+        attach_lora(model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora,
+                    use_dora=self.use_dora, rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern)
+        return LoRAMethod(self.name, model)
+
+    def save(self, attached: AttachedMethod, tokenizer: Any, cfg: Config, out: Path, base_model: str,
+             steps: int) -> str:
+        from slimtune.adapters import save_lora_adapter
+
+        save_lora_adapter(attached.model, out, base_model=base_model, dropout=cfg.lora.dropout)
+        return f"{WEIGHTS_NAME}, {CONFIG_NAME}"
+
+    def _adapter_config(self, run_dir: Path) -> dict[str, Any] | None:
+        from slimtune.adapters import read_adapter_config
+
+        return read_adapter_config(run_dir) if (run_dir / CONFIG_NAME).is_file() else None
+
+    def recognises(self, run_dir: Path) -> bool:
+        config = self._adapter_config(run_dir)
+        return config is not None and config["peft_type"] == "LORA" and bool(config.get("use_dora")) == self.use_dora
+
+    def recorded_base(self, run_dir: Path) -> str | None:
+        config = self._adapter_config(run_dir)
+        return config.get("base_model_name_or_path") if config else None
+
+    def load(self, run_dir: Path, base_name: str | None, quantized: bool) -> tuple[nn.Module, Any, AttachedMethod]:
+        from slimtune.adapters import read_adapter_config, load_lora_adapter
+
+        read_adapter_config(run_dir)  # a bad adapter config fails before the base loads
+        model, tokenizer = load_base(base_name, quantized)
+        load_lora_adapter(model, run_dir)
+        return model, tokenizer, LoRAMethod(self.name, model)
+
+
+class DoRA(LoRA):
+    """DoRA: LoRA plus a learned per-output magnitude (`lora.*`; same as lora.use_dora: true)."""
+
+    name = "dora"
+    summary = "LoRA with a learned magnitude per output (lora.*)"
+    accepts_quantized_base = False
+    use_dora = True
+
+
+class QLoRA(LoRA):
+    """QLoRA: LoRA on a base whose linear layers are frozen in 4-bit NF4 with double quantization."""
+
+    name = "qlora"
+    summary = "LoRA on a base frozen in 4-bit NF4 (lora.*)"
+    quantized_base = True
+
+    def recognises(self, run_dir: Path) -> bool:
+        return False  # its files are LoRA's; only the run's config.yaml tells that the base was 4-bit

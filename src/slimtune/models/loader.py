@@ -73,37 +73,48 @@ def resolve_model(name: str) -> str:
     return name  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
 
 
+def _load_hint(name: str, resolved: str) -> str:
+    if resolved != name:
+        return "check that the directory holds a complete HF causal LM with safetensors weights"
+    return (f"there is no local directory '{Path(name).resolve()}', so it was taken for a hub id; "
+            "if the machine is offline, download the model elsewhere and pass its directory")
+
+
+def load_tokenizer(resolved: str, name: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a resolved model, always with a pad token (the EOS token if the model defines
+    none); padding is done by slimtune's collators, so its side does not matter for training."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the tokenizer of model '{name or resolved}': {exc}; "
+                             f"{_load_hint(name or resolved, resolved)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     name: str,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ):
-    """Load `(model, tokenizer, resolved_path)` ready for attaching adapters.
-
-    The tokenizer always has a pad token (the EOS token if the model defines none); padding is done by
-    slimtune's collators, so its side does not matter for training.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load `(model, tokenizer, resolved_path)` ready for attaching adapters (see `load_tokenizer`)."""
+    from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(name)
     if dtype == torch.bfloat16:
         resolved = str(bf16_variant(resolved) or resolved)
+    tokenizer = load_tokenizer(resolved, name, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             resolved, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        if resolved != name:
-            hint = "check that the directory holds a complete HF causal LM with safetensors weights"
-        else:
-            hint = (f"there is no local directory '{Path(name).resolve()}', so it was taken for a hub id; "
-                    "if the machine is offline, download the model elsewhere and pass its directory")
-        raise ModelLoadError(f"could not load model '{name}': {exc}; {hint}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise ModelLoadError(f"could not load model '{name}': {exc}; {_load_hint(name, resolved)}") from None
     model.config.use_cache = False
     return model, tokenizer, resolved
 
 
-__all__ = ["BUNDLED_MODELS", "load_model", "resolve_model", "slimtune_home"]
+__all__ = ["BUNDLED_MODELS", "load_model", "load_tokenizer", "resolve_model", "slimtune_home"]

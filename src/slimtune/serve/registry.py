@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from slimtune.api import run_config
+from slimtune.runs import run_config
 from slimtune.errors import SlimtuneError
 from slimtune.methods.multi import AdapterSet
 from slimtune.serve.errors import APIError

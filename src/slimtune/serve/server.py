@@ -33,7 +33,7 @@ from slimtune.train.precision import resolve_device
 
 def base_model_of(adapters: dict[str, str], root: Path) -> str:
     """The base model the adapters were trained on (their run config's `model`, else adapter_config.json's)."""
-    from slimtune.api import run_config
+    from slimtune.runs import run_config
 
     if not adapters:
         raise SlimtuneError("no base model: pass --model NAME_OR_DIR, or at least one --adapter NAME=RUN_DIR")
@@ -60,7 +60,7 @@ def _startup_path(name: str, path_text: str, root: Path) -> Path:
 
 def trained_on_nf4(adapters: dict[str, str], root: Path) -> bool:
     """True when every startup adapter is a run trained on the NF4 base (QLoRA) and there is at least one."""
-    from slimtune.api import run_config
+    from slimtune.runs import run_config
 
     configs = [run_config(_startup_path(name, path_text, root)) for name, path_text in adapters.items()]
     return bool(configs) and all(cfg is not None and cfg.quantized for cfg in configs)

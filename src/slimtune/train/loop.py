@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors import SafetensorError
 
 from slimtune.config import TrainSettings
 from slimtune.data import Dataset, Encoded, pad_batch
@@ -28,7 +28,8 @@ from slimtune.errors import OutputWriteError, SlimtuneError
 from slimtune.train.checkpoint import Checkpoint, load_method_state, restore_checkpoint, save_checkpoint
 from slimtune.train.loss import response_loss_sum
 from slimtune.train.heap import release_free_memory
-from slimtune.train.metrics import MetricsLog
+from slimtune.train.reporter import Reporter
+from slimtune.train.runtime import Runtime
 from slimtune.train.optim8bit import build_optimizer
 from slimtune.train.packing import pack_examples
 from slimtune.train.precision import autocast
@@ -98,19 +99,6 @@ def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def checkpoint_some_layers(model: torch.nn.Module, fraction: float) -> tuple[int, int]:
-    """After `gradient_checkpointing_enable`: keep recomputation on max(1, round(fraction * n)) of the
-    n checkpointed decoder layers, evenly spaced, and switch it off on the rest. Returns (kept, n)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    keep = max(1, round(fraction * len(layers))) if layers else 0
-    chosen = {i * len(layers) // keep for i in range(keep)}
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index in chosen
-    return keep, len(layers)
-
-
 class TrainingInterrupted(SlimtuneError):
     """Training stopped on a signal after saving a checkpoint; resuming continues from it."""
 
@@ -135,6 +123,49 @@ def _non_finite_report(step: int, micro: list, loss_finite: bool, named: dict[st
     )
 
 
+@dataclass
+class StepResult:
+    """One optimizer step's numbers, before the optimizer acts on them."""
+
+    loss: float          # sum-CE over the step's labelled tokens / their (global) count
+    extra: float         # the method's extra loss, summed over micro-batches
+    grad_norm: float     # global gradient norm (before clipping)
+    finite: bool
+
+
+def train_step(model: torch.nn.Module, method: AttachedMethod, batches: list[dict], params: list[torch.nn.Parameter],
+               settings: TrainSettings, precision: str, device: torch.device, runtime: Runtime) -> StepResult:
+    """Forward and backward over one step's micro-batches, gradients averaged over processes and clipped.
+
+    Each micro-batch backpropagates sum-CE / N with N the labelled tokens of the whole step summed over
+    every process, so each response token weighs the same however tokens fall into micro-batches and
+    processes; the method's extra loss is added per micro-batch (divided by their number) and reported
+    on its own."""
+    label_tokens = runtime.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+    # Gradients are averaged over processes below; dividing by N / world size makes that average the sum.
+    per_process = max(label_tokens, 1) / runtime.world_size
+    step_loss = extra_total = 0.0
+    for batch in batches:
+        with autocast(precision, device):
+            loss_sum, _ = response_loss_sum(model, batch, settings.loss_chunk)
+        loss = loss_sum / per_process
+        extra = method.extra_loss()
+        if extra is not None:
+            extra = extra / len(batches)
+            extra_total += float(extra.detach())
+            loss = loss + extra
+        loss.backward()
+        step_loss += float(loss_sum.detach())
+    runtime.average_gradients(params)
+    step_loss = runtime.sum(step_loss) / max(label_tokens, 1)
+    if settings.max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+    else:
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    # isfinite, not a threshold: a NaN compares false with everything and would slip through.
+    return StepResult(step_loss, extra_total, grad_norm, math.isfinite(step_loss) and math.isfinite(grad_norm))
+
+
 def run_training(
     model: torch.nn.Module,
     method: AttachedMethod,
@@ -149,14 +180,17 @@ def run_training(
     checkpoint_dir: Path | None = None,
     resume_from: Checkpoint | None = None,
     config_snapshot: dict | None = None,
+    runtime: Runtime | None = None,
 ) -> TrainSummary:
-    """Train `method`'s parameters on `dataset`; logs to `metrics_path` (JSONL) and a progress bar.
+    """Train `method`'s parameters on `dataset`; logs to `metrics_path` (JSONL), trackers and a progress bar.
 
-    `packing` needs the model switched to packed attention (`use_packed_attention`) beforehand.
-    With `checkpoint_dir`, checkpoints are written every `settings.save_every` steps, at the end, and
-    when SIGTERM/SIGINT arrives (then `TrainingInterrupted` is raised). `resume_from` restores one.
+    The model is prepared beforehand (`train/prepare.py`: packed attention when `packing`, gradient
+    checkpointing, train mode). With `checkpoint_dir`, checkpoints are written every
+    `settings.save_every` steps, at the end, and when SIGTERM/SIGINT arrives (then `TrainingInterrupted`
+    is raised). `resume_from` restores one.
     """
     console = console or Console(stderr=True)
+    runtime = runtime or Runtime(device)
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = method.trainable_parameters()
     if not params:
@@ -179,20 +213,11 @@ def run_training(
         skipped, previous_elapsed = progress_state["skipped"], progress_state["elapsed_s"]
         for _ in range(progress_state["micro_batches"]):  # the order is a function of the seed alone
             next(batches)
-    log = MetricsLog(metrics_path, keep_until=first_step - 1 if resume_from is not None else None)
-    if settings.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        kept, total = checkpoint_some_layers(model, settings.checkpoint_fraction)
-        if total == 0:
-            console.print("note: this model has no checkpointable decoder layers; train.grad_checkpointing has no effect")
-        elif kept < total:
-            console.print(f"gradient checkpointing on {kept} of {total} decoder layers (train.checkpoint_fraction)")
-    model.train()
     loss_value = float("nan")
     started = time.perf_counter()
 
     def checkpoint(step: int) -> Path | None:
-        if checkpoint_dir is None:
+        if checkpoint_dir is None or not runtime.is_main:
             return None
         progress_state = {"tokens": tokens_seen, "examples": examples_seen, "skipped": skipped,
                           "micro_batches": step * settings.grad_accum,
@@ -200,85 +225,54 @@ def run_training(
         try:
             return save_checkpoint(checkpoint_dir, step, named, optimizer, scheduler, progress_state,
                                    config_snapshot or {}, settings.keep_checkpoints, method.state_tensors())
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             raise OutputWriteError(
-                f"could not write a checkpoint to {checkpoint_dir} at step {step} ({exc.strerror or exc}); "
+                f"could not write a checkpoint to {checkpoint_dir} at step {step} ({getattr(exc, 'strerror', None) or exc}); "
                 "free disk space or fix permissions, then rerun with resume=true (the previous checkpoint is intact)"
             ) from None
 
-    progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, transient=False,
-    )
-    with progress, stop_requests() as stop:
-        task = progress.add_task("train", total=steps, completed=first_step - 1, loss="-", lr="-", tps="-")
+    reporter = Reporter(settings, steps, first_step, metrics_path, console, runtime, config_snapshot)
+    with reporter, stop_requests() as stop:
         for step in range(first_step, steps + 1):
             micro = [next(batches) for _ in range(settings.grad_accum)]
             prepared = [make_batch(chunk, packing, pad_token_id, device, settings.pad_to_multiple_of, longest)
                         for chunk, _ in micro]
-            label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in prepared)
             lr = optimizer.param_groups[0]["lr"]
-            step_loss = 0.0
-            extra_total = 0.0
-            for batch in prepared:
-                with autocast(precision, device):
-                    loss_sum, _ = response_loss_sum(model, batch, settings.loss_chunk)
-                loss = loss_sum / max(label_tokens, 1)
-                extra = method.extra_loss()
-                if extra is not None:
-                    extra = extra / settings.grad_accum
-                    extra_total += float(extra.detach())
-                    loss = loss + extra
-                loss.backward()
-                step_loss += float(loss_sum.detach()) / max(label_tokens, 1)
+            result = train_step(model, method, prepared, params, settings, precision, device, runtime)
             tokens_seen += sum(len(example.input_ids) for chunk, _ in micro for example in chunk)
             examples_seen += sum(len(chunk) for chunk, _ in micro)
-            if settings.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
-            else:
-                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-            # isfinite, not a threshold: a NaN compares false with everything and would slip through.
-            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if finite:
+            if result.finite:
                 optimizer.step()
             elif settings.on_nan == "stop":
-                raise NonFiniteLossError(_non_finite_report(step, micro, math.isfinite(step_loss), named))
+                raise NonFiniteLossError(_non_finite_report(step, micro, math.isfinite(result.loss), named))
             else:
                 skipped += 1
             scheduler.step()
             # Before zero_grad: AdaLoRA's importance scores read the gradients of this step.
-            hook_metrics = method.on_step_end(step, steps) if finite else {}
+            hook_metrics = method.on_step_end(step, steps) if result.finite else {}
             optimizer.zero_grad(set_to_none=True)
             if settings.trim_memory and device.type == "cpu":
                 release_free_memory()
-            if finite:
-                loss_value = step_loss
+            if result.finite:
+                loss_value = result.loss
             elapsed = previous_elapsed + time.perf_counter() - started
-            tps = tokens_seen / elapsed if elapsed > 0 else 0.0
-            if step % settings.log_every == 0 or step == steps or not finite:
-                row = {
-                    "step": step, "epoch": round(micro[-1][1], 4), "loss": round(step_loss, 6), "lr": lr,
-                    "grad_norm": round(grad_norm, 6), "tokens": tokens_seen, "tokens_per_s": round(tps, 2),
-                    "elapsed_s": round(elapsed, 3),
-                }
-                if not finite:
-                    row["skipped"] = True
-                if extra_total:
-                    row["extra_loss"] = round(extra_total, 6)
-                row.update(hook_metrics)
-                log.write(row)
-            progress.update(task, advance=1, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
-            if stop.requested:
+            row = {
+                "step": step, "epoch": round(micro[-1][1], 4), "loss": round(result.loss, 6), "lr": lr,
+                "grad_norm": round(result.grad_norm, 6), "tokens": tokens_seen,
+                "tokens_per_s": round(tokens_seen / elapsed if elapsed > 0 else 0.0, 2), "elapsed_s": round(elapsed, 3),
+            }
+            if not result.finite:
+                row["skipped"] = True
+            if result.extra:
+                row["extra_loss"] = round(result.extra, 6)
+            row.update(hook_metrics)
+            reporter.report(step, row, result.finite)
+            if runtime.any(stop.requested):
                 saved = checkpoint(step)
                 raise TrainingInterrupted(step, stop.signal_name or "signal", saved or Path("(no checkpoint dir)"))
-            if step == steps or (settings.save_every and step % settings.save_every == 0):
+            if reporter.checkpoint_due(step):
                 checkpoint(step)
-    if settings.grad_checkpointing:
-        model.gradient_checkpointing_disable()
-    model.eval()
     if skipped:
         console.print(f"note: skipped {skipped} step(s) with non-finite loss or gradients (train.on_nan=skip)")
     seconds = previous_elapsed + time.perf_counter() - started
-    return TrainSummary(steps, examples_seen, tokens_seen, seconds, loss_value, log.rows)
+    return TrainSummary(steps, examples_seen, tokens_seen, seconds, loss_value, reporter.rows)
