@@ -27,6 +27,7 @@ from torch import nn
 
 from slimtune.errors import ModelLoadError
 from slimtune.models.skeleton import build_skeleton, meta_parameters
+from slimtune.train.heap import release_free_memory
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -110,13 +111,13 @@ def stream_quantized(
     compute_dtype: torch.dtype,
     blocksize: int = 64,
     double_quant: bool = True,
-    on_layer: Callable[[str], None] | None = None,
+    on_layer: Callable[[str, nn.Module], None] | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """(model, quantized paths): `resolved` (a local HF directory) built as a skeleton and filled tensor
     by tensor; the linear layers for which `quantize(path)` holds become `Linear4bit` on `device`, one
     at a time, the other tensors are cast to `dtype` and moved to `device`.
 
-    `on_layer(path)` is called after each layer is quantized (tests watch memory with it). Raises
+    `on_layer(path, model)` is called after each layer is quantized (tests watch the model with it). Raises
     `NotStreamable` when the checkpoint does not fit the skeleton; the caller then loads the usual way.
     """
     from slimtune.quant.linear4bit import Linear4bit
@@ -149,8 +150,11 @@ def stream_quantized(
                 setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
                 quantized.append(path)
                 del tensor
+                # The layer's temporaries (file bytes, cast copy, the quantizer's fp32 work) are freed
+                # between long-lived codes; hand those holes back, or they stay resident.
+                release_free_memory()
                 if on_layer is not None:
-                    on_layer(path)
+                    on_layer(path, model)
                 continue
             value = tensor.to(device)
             names = tied.get(name, [name])
@@ -170,7 +174,7 @@ def stream_quantized(
 
 
 def load_quantized_model(name: str, dtype: torch.dtype, device: torch.device, compute_dtype: torch.dtype,
-                         skip: tuple[str, ...] = ("lm_head",), on_layer: Callable[[str], None] | None = None
+                         skip: tuple[str, ...] = ("lm_head",), on_layer: Callable[[str, nn.Module], None] | None = None
                          ) -> tuple[nn.Module, object, str, list[str], str | None]:
     """(model, tokenizer, resolved, quantized paths, note) for QLoRA: every linear layer but `skip` in NF4.
 

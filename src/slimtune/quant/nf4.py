@@ -179,6 +179,9 @@ def quantize_dynamic_8bit(values: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return codes.view(-1)[:n], absmax
 
 
+_BLOCKS_PER_CHUNK = 4096  # quantize_nf4 works on 4096 blocks (2^18 values at block size 64) at a time
+
+
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4State:
     """Quantize a float32/bf16/fp16 tensor of any shape to NF4 (see the module docstring for the maths)."""
     if blocksize not in BLOCKSIZES:
@@ -189,14 +192,23 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(weight.shape)})")
     _, nf4_midpoints, _, _ = _tables(weight.device)
     with torch.no_grad():
-        flat = weight.detach().reshape(-1).float()
+        flat = weight.detach().reshape(-1)
         n = flat.numel()
-        blocks, absmax = _blockwise_absmax(flat, blocksize)  # (n_blocks, blocksize), (n_blocks,)
-        scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).clamp(-1.0, 1.0)
-        codes = torch.bucketize(scaled.view(-1), nf4_midpoints, right=False, out_int32=True).to(torch.uint8)
-        # zero padding codes to 7 (exact 0): it fills the low nibble of the last byte when n is odd
-        codes = codes[: n + n % 2]
-        packed = (codes[0::2] << 4) | codes[1::2]
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
+        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
+        # Whole blocks at a time, so the float32 work buffers (~25 bytes per element) stay a few MB
+        # whatever the layer's size; every block is computed exactly as in one pass.
+        step = blocksize * _BLOCKS_PER_CHUNK
+        for start in range(0, n, step):
+            part = flat[start: start + step].float()
+            blocks, part_absmax = _blockwise_absmax(part, blocksize)  # (blocks, blocksize), (blocks,)
+            scaled = (blocks * (1.0 / part_absmax.clamp(min=1e-38)).view(-1, 1)).clamp(-1.0, 1.0)
+            codes = torch.bucketize(scaled.view(-1), nf4_midpoints, right=False, out_int32=True).to(torch.uint8)
+            # zero padding codes to 7 (exact 0): it fills the low nibble of the last byte when n is odd
+            m = part.numel()
+            codes = codes[: m + m % 2]
+            packed[start // 2: start // 2 + codes.numel() // 2] = (codes[0::2] << 4) | codes[1::2]
+            absmax[start // blocksize: start // blocksize + part_absmax.numel()] = part_absmax
         state = NF4State(codes=packed, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, absmax=absmax)
         if not double_quant:
             return state
