@@ -14,15 +14,13 @@ import signal
 import socket
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 
 from slimtune.adapters import read_adapter_config
 from slimtune.errors import AdapterError, SlimtuneError
 from slimtune.methods.multi import AdapterSet
-from slimtune.models import load_model
-from slimtune.quant import quantize_model
+from slimtune.methods.base import load_base
 from slimtune.serve.app import ServerState, create_app
 from slimtune.serve.engine import Engine
 from slimtune.serve.errors import APIError
@@ -84,9 +82,9 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
     if quantize not in ("auto", "none", "nf4"):
         raise SlimtuneError(f"--quantize {quantize!r}: use auto, none or nf4")
     quantized = quantize == "nf4" or (quantize == "auto" and trained_on_nf4(adapters, root))
-    base, tokenizer, _ = load_model(base_name)
-    if quantized:  # as load_run rebuilds a QLoRA run's base, so replies equal `slimtune generate`'s
-        quantize_model(base, compute_dtype=torch.float32)
+    # As load_run rebuilds a QLoRA run's base (streamed, one layer at a time), so replies equal
+    # `slimtune generate`'s.
+    base, tokenizer = load_base(base_name, quantized)
     base.to(resolve_device(device)).eval()
     adapter_set = AdapterSet(base)
     registry = AdapterRegistry(adapter_set, root, base_name, quantized)
