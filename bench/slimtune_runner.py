@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="slimtune-bench-"))
     cfg = build_config({
         "model": args.model_dir, "output": str(work / "run"), "overwrite": True, "method": args.method,
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        # AdaLoRA reads lora.alpha, dropout and targets; its ranks come from adalora.* below.
+        "lora": {**({} if args.method == "adalora" else {"r": 16}), "alpha": 32, "dropout": 0.05,
+                 "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "data": {"train": args.train, "max_length": args.max_length},
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.0,
                   "schedule": "linear", "seed": args.seed, "precision": args.precision,
