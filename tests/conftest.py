@@ -6,6 +6,7 @@ SmolLM2-135M-Instruct, converted once per machine into the slimtune cache.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,19 @@ def make_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2):
     model = LlamaForCausalLM(config)
     model.config.use_cache = False
     return model.eval()
+
+
+def write_repeat_data(path: Path, count: int) -> Path:
+    """`count` Alpaca rows "repeat i" -> "wordi " repeated 1-3 times, as JSONL at `path`."""
+    rows = [{"instruction": f"repeat {i}", "output": ("word%d " % i) * (1 + i % 3)} for i in range(count)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    """A 12-row Alpaca training file for quick runs on the tiny model."""
+    return write_repeat_data(tmp_path / "train.jsonl", 12)
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from rich.console import Console
@@ -18,14 +16,6 @@ EXPECTED_FILES = {
     "freeze": {"freeze_config.json", "freeze_model.safetensors"},
     "full": {"config.json", "model.safetensors", "tokenizer.json"},
 }
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    rows = [{"instruction": f"repeat {i}", "output": ("word%d " % i) * (1 + i % 3)} for i in range(12)]
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def run(method, tiny_model_dir, data_file, out, **extra):

@@ -19,14 +19,6 @@ from slimtune.models import load_model
 from slimtune.data import load_dataset
 
 
-@pytest.fixture
-def data_file(tmp_path):
-    rows = [{"instruction": f"repeat {i}", "output": ("word%d " % i) * (1 + i % 3)} for i in range(12)]
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def config(tiny_model_dir, data_file, out, method="lora", **extra):
     train = {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "save_every": None,
              **extra.pop("train", {})}

@@ -44,7 +44,8 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def output_problems(cfg: Config) -> list[str]:
-    """What stops `cfg.output` from taking this run, one line each; reads only.
+    """What stops `cfg.output` from taking this run, one line each; reads only. (Whether the newest
+    checkpoint fits a resumed config is `resume_point`'s check.)
 
     A finished run is replaced only with overwrite=true; an unfinished run's checkpoints are continued
     with resume=true or discarded with overwrite=true, never silently."""
@@ -63,8 +64,6 @@ def output_problems(cfg: Config) -> list[str]:
     elif checkpoints and not cfg.resume and not cfg.overwrite:
         problems.append(f"output '{out}' holds an unfinished run's checkpoints (newest: step {checkpoints[-1].step}): "
                         "pass resume=true to continue it, or overwrite=true to discard them and start again")
-    elif cfg.resume and not finished:
-        problems += resume_problems(cfg)
     if cfg.resume and cfg.overwrite:
         problems.append("resume=true and overwrite=true contradict each other: pass only one of them")
     where = _nearest_existing(out)
@@ -106,14 +105,6 @@ def resume_point(cfg: Config) -> Checkpoint:
     return checkpoint
 
 
-def resume_problems(cfg: Config) -> list[str]:
-    try:
-        resume_point(cfg)
-    except SlimtuneError as exc:
-        return [str(exc)]
-    return []
-
-
 def prepare_output(cfg: Config) -> Path:
     """After every check passed: create `output`, and on a fresh start remove a previous run's files
     (only with overwrite=true can there be any: `output_problems` refuses otherwise)."""
@@ -149,10 +140,11 @@ def run_config(run_dir: str | Path) -> Config | None:
     return build_config(drop_unread_sections(data), source=str(path))
 
 
-def run_method(run_dir: str | Path) -> Method:
-    """The method of a finished run: its config's, else recognised from its files (a PEFT adapter)."""
+def run_method(run_dir: str | Path, cfg: Config | None = None) -> Method:
+    """The method of a finished run: its config's (`cfg`, else read), else recognised from its files (a PEFT
+    adapter)."""
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    cfg = cfg or run_config(run_dir)
     method = cfg.plugin if cfg is not None else recognise_run(run_dir)
     if cfg is not None and not any((run_dir / name).is_file() for name in method.weights_files):
         raise AdapterError(f"'{run_dir}' holds no finished {method.name} run (no {', '.join(method.weights_files)}): "
@@ -164,7 +156,7 @@ def base_model_name(run_dir: str | Path, model: str | None = None) -> str:
     """The base a run belongs to: `model` if given, else the run's config, else what its files record."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    base = model or (cfg.model if cfg else None) or run_method(run_dir).recorded_base(run_dir)
+    base = model or (cfg.model if cfg else None) or run_method(run_dir, cfg).recorded_base(run_dir)
     if not base:
         raise AdapterError(f"'{run_dir}' does not name its base model: pass --model")
     return base
@@ -175,8 +167,8 @@ def open_run(run_dir: str | Path, model: str | None = None) -> tuple[Any, Any, A
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AdapterError(f"run directory '{run_dir}' does not exist: pass the `output` directory of a training run")
-    method = run_method(run_dir)
     cfg = run_config(run_dir)
+    method = run_method(run_dir, cfg)
     base = model or (cfg.model if cfg else None) or method.recorded_base(run_dir)
     if not base and not method.trains_base_weights:
         raise AdapterError(f"'{run_dir}' does not name its base model: pass --model")

@@ -33,6 +33,7 @@ from slimtune.data import Dataset, load_dataset
 from slimtune.errors import ConfigError, OutputWriteError, SlimtuneError
 from slimtune.evaluate import evaluate_model, format_metrics_table
 from slimtune.methods.base import AttachedMethod, Method
+from slimtune.methods.registry import finished_weights
 from slimtune.models import load_model
 from slimtune.models.loader import load_tokenizer, resolve_model
 from slimtune.models.skeleton import build_skeleton
@@ -135,13 +136,19 @@ def check_run(cfg: Config, console: Console | None = None) -> CheckedRun:
             problems += method.check(cfg, skeleton, steps if steps is not None else cfg.train.max_steps or 1,
                                      Console(quiet=True))
     problems += output_problems(cfg)
+    resume_from = None
+    if cfg.resume and not finished_weights(cfg.output):  # a finished run is output_problems' to report
+        try:
+            resume_from = resume_point(cfg)
+        except SlimtuneError as exc:
+            problems.append(str(exc))
     if problems:
         lines = "\n".join(f"  - {problem}" for problem in problems)
         raise ConfigError(f"{len(problems)} problem(s) found before loading any weights:\n{lines}")
     console.print(f"checked config, data, targets and output in {time.perf_counter() - started:.1f} s",
                   highlight=False)
     return CheckedRun(cfg, method, tokenizer, train_set, eval_set, steps, resolve_device(cfg.train.device),
-                      resume_point(cfg) if cfg.resume else None, skeleton)
+                      resume_from, skeleton)
 
 
 # -- build ---------------------------------------------------------------------------------------------

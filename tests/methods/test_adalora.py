@@ -16,6 +16,7 @@ from rich.console import Console
 
 from slimtune.api import finetune, load_run
 from slimtune.methods.base import AttachedMethod
+from tests.conftest import write_repeat_data
 from slimtune.config import build_config
 from slimtune.data import load_dataset
 from slimtune.errors import ConfigError
@@ -157,10 +158,7 @@ def test_scores_and_masks_equal_peft_rank_allocator(tiny_model_dir):
 
 @pytest.fixture
 def data_file(tmp_path):
-    rows = [{"instruction": f"repeat {i}", "output": ("word%d " % i) * (1 + i % 3)} for i in range(16)]
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_repeat_data(tmp_path / "train.jsonl", 16)
 
 
 def _config(tiny_model_dir, data_file, out, **train):

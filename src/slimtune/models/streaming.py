@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.errors import ModelLoadError
 from slimtune.models.skeleton import build_skeleton, meta_parameters
 from slimtune.train.heap import release_free_memory
 
@@ -194,8 +193,6 @@ def load_quantized_model(name: str, dtype: torch.dtype, device: torch.device, co
         return model, load_tokenizer(resolved, name), resolved, quantized, None
     except NotStreamable as why:
         note = f"loading the whole model before quantizing it ({why})"
-    except ModelLoadError:
-        raise
     model, tokenizer, resolved = load_model(name, dtype=dtype)
     quantized = quantize_model(model, skip=skip, compute_dtype=compute_dtype)  # on the CPU, before any move
     model.to(device)
