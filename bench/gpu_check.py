@@ -4,8 +4,8 @@ One command, one GPU, about 5-8 minutes; writes `gpu_check.json` and `gpu_check.
 
 1. correctness, for every method in the registry (`slimtune.methods.registry.METHODS`): 5 optimizer
    steps on a randomly initialised Llama-shaped model of 1.1B parameters (`random_llama.py`, `1b`) in
-   bf16 on the device, each method with its default settings and lr 1e-3; the losses must be finite
-   and the last below the first. Then the finished run, loaded by `slimtune.load_run`, must give the
+   bf16 on the device, each method with its default settings and lr 1e-3, on one training example
+   repeated (so every batch is the same batch); the losses must be finite and the last below the first. Then the finished run, loaded by `slimtune.load_run`, must give the
    logits of an independent load of the same files: PEFT (`PeftModel.from_pretrained`) for an
    adapter, transformers + the saved tensors for freeze, `AutoModelForCausalLM` for a full model.
    Both in fp32 with TF32 off; pass when max |difference| <= 1e-4 x (1 + max |logit|) and the tuned
@@ -318,7 +318,7 @@ def speed(model_dir: Path, data: Path, work: Path, device: torch.device, budget:
 # -- 4. serving -------------------------------------------------------------------------------------------
 
 def serving(model_dir: Path, work: Path, device: torch.device, clients: int, requests: int, max_tokens: int,
-            seed: int = 0) -> dict:
+            budget: Budget, seed: int = 0) -> dict:
     from serve_load import PROMPTS, Server, make_adapters, run_load
 
     root = work / "serve"
@@ -327,7 +327,8 @@ def serving(model_dir: Path, work: Path, device: torch.device, clients: int, req
     rng = random.Random(seed)
     chosen = [(rng.choice(names), rng.choice(PROMPTS)) for _ in range(requests)]
     server = Server(["--model", str(model_dir), "--adapter-root", str(root), "--device", device.type,
-                     *(f"--adapter={n}={n}" for n in names)], root, work / "serve.log")
+                     *(f"--adapter={n}={n}" for n in names)], root, work / "serve.log",
+                    startup_timeout=max(30.0, min(180.0, budget.left())))
     try:
         result = asyncio.run(run_load(server.url, chosen, clients, max_tokens, None))
     finally:
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         report["serving"] = {"error": "skipped: out of time"}
     else:
         report["serving"] = run_section("serving", serving, model_dir, work, device, 64,
-                                        64 if args.tiny else 128, 4 if args.tiny else 64)
+                                        64 if args.tiny else 128, 4 if args.tiny else 64, budget)
     report["failures"] = failures(report, skip)
     report["pass"] = not report["failures"]
     report["seconds"] = time.perf_counter() - started
