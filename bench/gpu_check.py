@@ -248,28 +248,38 @@ def correctness(model_dir: Path, data: Path, work: Path, device: torch.device, b
 
 # -- 2. NF4 against bitsandbytes ------------------------------------------------------------------------
 
+def sample_weights(model_dir: Path, count: int = 2) -> list[tuple[str, torch.Tensor]]:
+    """The first `count` q_proj / down_proj weights of the saved model (bf16, on the CPU), from any shard."""
+    from safetensors import safe_open
+
+    found: list[tuple[str, torch.Tensor]] = []
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as weights:
+            for name in weights.keys():
+                if name.endswith(("q_proj.weight", "down_proj.weight")) and len(found) < count:
+                    found.append((name, weights.get_tensor(name)))
+    return found
+
+
 def nf4_against_bitsandbytes(model_dir: Path, device: torch.device) -> list[dict]:
     import bitsandbytes.functional as bnbf
-    from safetensors import safe_open
 
     from slimtune.quant import quantize_nf4
 
     rows = []
-    with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as weights:
-        names = [n for n in weights.keys() if n.endswith(("q_proj.weight", "down_proj.weight"))][:2]
-        for name in names:
-            weight = weights.get_tensor(name).to(device)  # bf16, as QLoRA quantizes it
-            ours = quantize_nf4(weight, blocksize=64, double_quant=True)
-            ours_plain = quantize_nf4(weight, blocksize=64, double_quant=False)
-            packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
-            _, state_plain = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
-            codes_equal = torch.equal(packed.reshape(-1).view(torch.uint8), ours.codes)
-            absmax_equal = torch.equal(state_plain.absmax.float(), ours_plain.absmax)
-            agree = (state.absmax.reshape(-1) == ours.absmax_codes).float().mean().item()
-            rows.append({"tensor": name, "shape": list(weight.shape), "codes_equal": codes_equal,
-                         "absmax_equal": absmax_equal, "double_quant_code_agreement": agree,
-                         "offset_equal": bool(float(state.offset) == float(ours.offset)),
-                         "pass": bool(codes_equal and absmax_equal and agree >= 0.99)})
+    for name, weight in sample_weights(model_dir):
+        weight = weight.to(device)  # bf16, as QLoRA quantizes it
+        ours = quantize_nf4(weight, blocksize=64, double_quant=True)
+        ours_plain = quantize_nf4(weight, blocksize=64, double_quant=False)
+        packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        _, state_plain = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
+        codes_equal = torch.equal(packed.reshape(-1).view(torch.uint8), ours.codes)
+        absmax_equal = torch.equal(state_plain.absmax.float(), ours_plain.absmax)
+        agree = (state.absmax.reshape(-1) == ours.absmax_codes).float().mean().item()
+        rows.append({"tensor": name, "shape": list(weight.shape), "codes_equal": codes_equal,
+                     "absmax_equal": absmax_equal, "double_quant_code_agreement": agree,
+                     "offset_equal": bool(float(state.offset) == float(ours.offset)),
+                     "pass": bool(codes_equal and absmax_equal and agree >= 0.99)})
     return rows
 
 
