@@ -35,15 +35,16 @@ def train(
     """
     from slimtune.api import finetune
     from slimtune.config import load_config
-    from slimtune.train.loop import TrainingInterrupted
+    from slimtune.train.signals import StopRequested
 
     try:
         finetune(load_config(config, overrides or []), console)
-    except TrainingInterrupted as stopped:
-        # A requested stop is not an error: the checkpoint is complete and the run can continue.
+    except StopRequested as stopped:
+        # A requested stop is not an error: any checkpoint is complete and the run can continue.
         args = " ".join([str(config), *(o for o in overrides or [] if not o.startswith("resume="))])
-        console.print(f"{escape(str(stopped))}\nresume with: slimtune train {escape(args)} resume=true",
-                      highlight=False, soft_wrap=True)
+        again = f"resume with: slimtune train {args} resume=true" if stopped.resumable else \
+            f"start again with: slimtune train {args}"
+        console.print(f"{escape(str(stopped))}\n{escape(again)}", highlight=False, soft_wrap=True)
         raise typer.Exit(0) from None
 
 
