@@ -83,6 +83,11 @@ def test_sigint_during_evaluation_keeps_the_final_checkpoint(tmp_path, tiny_mode
     assert not (run / "adapter_model.safetensors").exists(), "an unfinished run does not look finished"
 
     monkeypatch.undo()
+    # Re-running the same command without resume=true refuses and leaves the checkpoints as they were.
+    before = {p: p.read_bytes() for p in sorted((run / "checkpoints").rglob("*")) if p.is_file()}
+    code, _, err = run_cli(monkeypatch, capsys, "train", config)
+    assert code == 2 and "unfinished run's checkpoints" in err and "resume=true" in err, err[-1500:]
+    assert {p: p.read_bytes() for p in sorted((run / "checkpoints").rglob("*")) if p.is_file()} == before
     code, _, err = run_cli(monkeypatch, capsys, "train", config, "resume=true")
     assert code == 0 and (run / "adapter_model.safetensors").is_file(), err[-1500:]
     assert json.loads((run / "eval.json").read_text())["tuned"]["loss"] > 0, "resuming ran the evaluation"
