@@ -297,6 +297,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = raw
         node = tree
         parts = key.strip().split(".")
+        if not all(part.strip() for part in parts):
+            raise ConfigError(f"override '{item}' has an empty part in its key: write it like train.lr=1e-4")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
