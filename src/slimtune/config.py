@@ -290,7 +290,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override '{item}' is not KEY=VALUE: write it like train.lr=1e-4")
+            raise ConfigError(f"override {item!r} is not KEY=VALUE: write it like train.lr=1e-4")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -298,11 +298,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         node = tree
         parts = key.strip().split(".")
         if not all(part.strip() for part in parts):
-            raise ConfigError(f"override '{item}' has an empty part in its key: write it like train.lr=1e-4")
+            raise ConfigError(f"override {item!r} has an empty part in its key: write it like train.lr=1e-4")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
             node = child
         node[parts[-1]] = value
     return tree
