@@ -48,9 +48,10 @@ def _checkpoints(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "checkpoints").iterdir())
 
 
-def _resume_finishes(tmp_path: Path, config: Path) -> None:
-    result = run_slimtune("train", config, "resume=true")
-    assert result.returncode == 0, result.stderr.decode()[-2000:]
+def _resume_finishes(tmp_path: Path, config: Path, monkeypatch, capsys) -> None:
+    # In-process: with space again nothing needs a child process (each costs seconds of imports).
+    code, _, err = run_cli(monkeypatch, capsys, "train", config, "resume=true")
+    assert code == 0, err[-2000:]
     run = tmp_path / "run"
     adapter = load_file(str(run / "adapter_model.safetensors"))
     final = load_file(str(run / "checkpoints" / "step-000003" / "trainable.safetensors"))
@@ -58,7 +59,7 @@ def _resume_finishes(tmp_path: Path, config: Path) -> None:
     assert all((adapter["base_model.model." + k] == v).all() for k, v in final.items())
 
 
-def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, tiny_model_dir):
+def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, tiny_model_dir, monkeypatch, capsys):
     config = _config(tmp_path, tiny_model_dir)
     # After the step-1 checkpoint no file may exceed 2 KiB: the step-2 checkpoint's tensors cannot be written.
     result = run_slimtune("train", config, hook=("slimtune.train.loop", "save_checkpoint", "after#1", "limit", 2048))
@@ -67,7 +68,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, tiny_model_d
     assert _checkpoints(run) == ["step-000001"], "the failed checkpoint leaves nothing behind, the old one stays"
     assert (run / "checkpoints" / "step-000001" / "COMPLETE").is_file()
     assert not (run / "adapter_model.safetensors").exists()
-    _resume_finishes(tmp_path, config)
+    _resume_finishes(tmp_path, config, monkeypatch, capsys)
 
 
 def test_metrics_on_a_full_disk(tmp_path, tiny_model_dir):
@@ -85,7 +86,7 @@ def test_metrics_on_a_full_disk(tmp_path, tiny_model_dir):
     # after the picture: the adapter's safetensors file fails (SafetensorError, not an OSError)
     ("slimtune.stages", "plot_loss", "after", "limit", 1024),
 ], ids=["loss-plot", "adapter-safetensors"])
-def test_final_save_on_a_full_disk(tmp_path, tiny_model_dir, moment):
+def test_final_save_on_a_full_disk(tmp_path, tiny_model_dir, moment, monkeypatch, capsys):
     config = _config(tmp_path, tiny_model_dir)
     result = run_slimtune("train", config, hook=moment)
     _assert_one_line_error(result, "could not write the result", "File too large", "resume=true",
@@ -95,7 +96,7 @@ def test_final_save_on_a_full_disk(tmp_path, tiny_model_dir, moment):
     assert not list(run.glob(".*partial")), "no partial file is left"
     assert (run / "checkpoints" / "step-000003" / "COMPLETE").is_file(), "the final checkpoint survives"
     if moment[1] == "plot_loss":  # resuming works the same after either failure; once is enough
-        _resume_finishes(tmp_path, config)
+        _resume_finishes(tmp_path, config, monkeypatch, capsys)
 
 
 @pytest.fixture
