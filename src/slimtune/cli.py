@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from slimtune.atomic import WRITE_ERRORS, write_failure_reason
 from slimtune.errors import SlimtuneError
 
 app = typer.Typer(
@@ -20,6 +21,33 @@ app = typer.Typer(
     help="Fine-tune language models on the hardware you have (LoRA, natively in PyTorch).",
 )
 console = Console(stderr=True)
+
+
+def _check_sampling(seed: int | None = None, temperature: float = 0.0, top_p: float = 1.0) -> None:
+    """Option values typer's ranges let through (NaN compares false with every bound; torch takes no seed
+    past 64 bits), as one `ConfigError` line before anything loads."""
+    import math
+
+    from slimtune.errors import ConfigError
+
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ConfigError(f"--seed {seed} is out of range: use a whole number from 0 to 2**64-1")
+    for name, value in (("--temperature", temperature), ("--top-p", top_p)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} {value} is not a finite number: use e.g. {name} 0.7")
+
+
+def _check_text(text: str, what: str) -> str:
+    """Text from the command line or the terminal must be real characters: bytes that were not UTF-8
+    arrive as lone surrogates (Python's surrogateescape), which no tokenizer takes."""
+    from slimtune.errors import ConfigError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{what} is not UTF-8 text (at character {exc.start}); set the terminal or the input "
+                          "file to UTF-8") from None
+    return text
 
 
 @app.command()
@@ -35,15 +63,16 @@ def train(
     """
     from slimtune.api import finetune
     from slimtune.config import load_config
-    from slimtune.train.loop import TrainingInterrupted
+    from slimtune.train.signals import StopRequested
 
     try:
         finetune(load_config(config, overrides or []), console)
-    except TrainingInterrupted as stopped:
-        # A requested stop is not an error: the checkpoint is complete and the run can continue.
+    except StopRequested as stopped:
+        # A requested stop is not an error: any checkpoint is complete and the run can continue.
         args = " ".join([str(config), *(o for o in overrides or [] if not o.startswith("resume="))])
-        console.print(f"{escape(str(stopped))}\nresume with: slimtune train {escape(args)} resume=true",
-                      highlight=False, soft_wrap=True)
+        again = f"resume with: slimtune train {args} resume=true" if stopped.resumable else \
+            f"start again with: slimtune train {args}"
+        console.print(f"{escape(str(stopped))}\n{escape(again)}", highlight=False, soft_wrap=True)
         raise typer.Exit(0) from None
 
 
@@ -81,6 +110,9 @@ def generate(
     from slimtune.api import generate as generate_reply
     from slimtune.api import load_run
 
+    _check_sampling(seed, temperature, top_p)
+    _check_text(prompt, "the prompt")
+    _check_text(system or "", "--system")
     torch.manual_seed(seed)
     model, tokenizer = load_run(run_dir)
     print(generate_reply(model, tokenizer, prompt, max_new_tokens, temperature, top_p, system))
@@ -121,14 +153,21 @@ def chat(
     from slimtune.api import generate as generate_reply
     from slimtune.api import load_run
 
+    from slimtune.errors import ConfigError
+
+    _check_sampling(temperature=temperature)
+    _check_text(system or "", "--system")
     model, tokenizer = load_run(run_dir)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     console.print("chat with the tuned model; /reset clears the history, /exit or an empty line ends")
     while True:
         try:
-            line = input("you> ").strip()
+            line = _check_text(input("you> ").strip(), "the input line")
         except EOFError:
             break
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"the input line is not UTF-8 text (byte {exc.object[exc.start]:#04x}); set the "
+                              "terminal or the input file to UTF-8") from None
         if not line or line == "/exit":
             break
         if line == "/reset":
@@ -174,6 +213,8 @@ def serve(
     from slimtune.serve import ServeLimits
     from slimtune.serve import serve as run_server
 
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
     adapters: dict[str, str] = {}
     for spec in adapter or []:
         name, sep, path = spec.partition("=")
@@ -202,6 +243,13 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    except WRITE_ERRORS as exc:
+        # A file the commands read or write failed in a place no check foresaw (a full disk, a permission):
+        # still one line naming the file, not a traceback.
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        console.print(f"[bold red]error:[/bold red] {escape(write_failure_reason(exc) + where)}; free disk space or "
+                      "fix permissions, then run the command again", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ problems in a file are reported at once, so a typo never costs a training run.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +51,8 @@ class TrainSettings(_Section):
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps with linear warmup.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = off.")
-    seed: int = Field(0, description="Seeds adapter init, dropout and data order.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds adapter init, dropout and data order (0 to 2**32-1, "
+                      "the range NumPy's generator takes).")
     grad_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     checkpoint_fraction: float = Field(1.0, gt=0, le=1, description="With grad_checkpointing: the fraction of "
                                        "decoder layers recomputed, spread evenly; memory and time fall between no "
@@ -124,7 +126,9 @@ class Config(_Section):
     def _model_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must name a model, e.g. 'smollm2-135m' or a HF model directory")
-        return value
+        if "\0" in value:
+            raise ValueError("a model name or path cannot hold a NUL byte")
+        return os.path.expanduser(value) if value.startswith("~") else value  # a path in the home directory
 
     @field_validator("method")
     @classmethod
@@ -280,17 +284,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override '{item}' is not KEY=VALUE: write it like train.lr=1e-4")
+            raise ConfigError(f"override {item!r} is not KEY=VALUE: write it like train.lr=1e-4")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = tree
         parts = key.strip().split(".")
+        if not all(part.strip() for part in parts):
+            raise ConfigError(f"override {item!r} has an empty part in its key: write it like train.lr=1e-4")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
             node = child
         node[parts[-1]] = value
     return tree
@@ -311,8 +317,11 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = "\n".join("  - " + _describe(e) for e in exc.errors())
-        raise ConfigError(f"{source} has {problems.count(chr(10)) + 1} problem(s):\n{problems}") from None
+        # One line per problem: a check across sections reports several at once (joined by "\n  - "),
+        # and no message may break the list with a line break of its own.
+        problems = [" ".join(part.split()) for e in exc.errors() for part in _describe(e).split("\n  - ")]
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        raise ConfigError(f"{source} has {len(problems)} problem(s):\n{lines}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

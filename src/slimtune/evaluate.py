@@ -20,6 +20,7 @@ from torch import nn
 from slimtune.data import ChatRenderer, Dataset, Message, pad_batch
 from slimtune.train.loss import response_loss_sum
 from slimtune.train.precision import autocast
+from slimtune.train.signals import stop_point
 
 
 @torch.no_grad()
@@ -30,6 +31,7 @@ def evaluate_loss(model: nn.Module, dataset: Dataset, pad_token_id: int, batch_s
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
+        stop_point("during evaluation", resumable=True)  # a safe point while training runs' signals are routed
         batch = pad_batch(dataset.examples[start: start + batch_size], pad_token_id)
         batch = {key: value.to(model.device) for key, value in batch.items()}
         with autocast(precision, model.device):
@@ -59,6 +61,7 @@ def generate_replies(
     replies: list[str] = []
     pad_id = tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
+        stop_point("during evaluation", resumable=True)
         encoded = [renderer.encode_prompt(list(p)) for p in prompts[start: start + batch_size]]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)

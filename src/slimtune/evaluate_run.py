@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from slimtune.atomic import reported_write_failures
 from slimtune.config import EvalSettings
 from slimtune.data import load_dataset
 from slimtune.errors import AdapterError, DataError, SlimtuneError
@@ -78,6 +79,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, generation
                f"over all examples; exact match, ROUGE-L and BLEU on greedy replies to the first {shown} "
                f"(at most {max_new_tokens} new tokens).")
     report = format_eval_report(f"Evaluation of `{run_dir}`", summary, base, tuned, outputs)
-    (run_dir / EVAL_REPORT).write_text(report, encoding="utf-8")
-    (run_dir / EVAL_METRICS).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with reported_write_failures(f"the evaluation report to '{run_dir}'", "run the evaluation again"):
+        (run_dir / EVAL_REPORT).write_text(report, encoding="utf-8")
+        (run_dir / EVAL_METRICS).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.atomic import staged_directory
+from slimtune.atomic import reported_write_failures, staged_directory
 from slimtune.errors import AdapterError, SlimtuneError
 from slimtune.quant import Linear4bit
 from slimtune.runs import open_run
@@ -22,6 +22,8 @@ MERGE_REPORT = "slimtune_merge.json"  # written for a QLoRA run: merged vs 4-bit
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Merge the run into its base and save a plain HF model directory at `out_dir` (a new directory)."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SlimtuneError(f"merge output '{out}' exists and is not a directory: choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise SlimtuneError(f"merge output '{out}' is not empty: choose a new directory")
     model, tokenizer, attached = open_run(run_dir)
@@ -47,7 +49,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
         model.to(dtype)
     model.config.use_cache = True
     # Written beside the target and renamed: an interrupted merge never leaves a half-written model.
-    with staged_directory(out) as staging:
+    with reported_write_failures(f"the merged model to '{out}'", "run the merge again (nothing was left behind)"), \
+            staged_directory(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if report is not None:

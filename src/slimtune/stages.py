@@ -26,11 +26,11 @@ import torch
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from safetensors import SafetensorError
 
+from slimtune.atomic import reported_write_failures
 from slimtune.config import Config, TrainSettings
 from slimtune.data import Dataset, load_dataset
-from slimtune.errors import ConfigError, OutputWriteError, SlimtuneError
+from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.evaluate import evaluate_model, format_metrics_table
 from slimtune.methods.base import AttachedMethod, Method
 from slimtune.methods.registry import finished_weights
@@ -47,6 +47,7 @@ from slimtune.train.metrics import plot_loss
 from slimtune.train.precision import resolve_device, resolve_precision, weight_dtype
 from slimtune.train.prepare import slimtune_attention, training_mode
 from slimtune.train.runtime import Runtime
+from slimtune.train.signals import StopRequested, requested_stop, stop_point, stop_requests
 from slimtune.train.trackers import tracker_problems
 
 
@@ -206,34 +207,40 @@ def _evaluate(built: BuiltRun, console: Console) -> tuple[dict, dict, list, list
     return base, tuned, base_replies, tuned_replies
 
 
+def _finish_hint(out: Path) -> str:
+    return f"rerun with resume=true: the final checkpoint in {out / CHECKPOINTS} holds the trained weights"
+
+
 def finish_run(built: BuiltRun, summary: TrainSummary, console: Console) -> TrainResult:
-    """The finish stage: evaluation, report, pictures, then the method's files (weights last)."""
+    """The finish stage: evaluation, report, pictures, then the method's files (weights last).
+
+    A signal during evaluation stops it (the final checkpoint holds everything; resume=true finishes the
+    run); one during the writes lets them complete. A failed write is one line naming the fix."""
     checked, cfg, out = built.checked, built.checked.cfg, built.checked.cfg.output
     base_metrics: dict[str, float] = {}
     tuned_metrics: dict[str, float] = {}
     report: dict[str, Any] = {"model": cfg.model, "steps": summary.steps, "train_tokens_per_s": summary.tokens_per_s}
     if checked.eval_set is not None:
-        base_metrics, tuned_metrics, base_replies, tuned_replies = _evaluate(built, console)
+        try:
+            base_metrics, tuned_metrics, base_replies, tuned_replies = _evaluate(built, console)
+        except StopRequested as stopped:
+            raise StopRequested(f"{stopped}; {_finish_hint(out)}", resumable=True) from None
         report.update(base=base_metrics, tuned=tuned_metrics, generations=[
             {"prompt": conv[-2]["content"], "reference": conv[-1]["content"], "base": b, "tuned": t}
             for conv, b, t in zip(checked.eval_set.conversations, base_replies, tuned_replies)
         ])
         console.print("[bold]evaluation on data.eval[/bold]")
         console.print(escape(format_metrics_table(base_metrics, tuned_metrics)), highlight=False)
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    plot_loss(summary.rows, out / "loss.png",
-              {"base": base_metrics["loss"], "tuned": tuned_metrics["loss"]} if tuned_metrics else None)
-    pictures = checked.method.write_reports(built.attached, summary.rows, cfg, out)
-    # The method's weights are written last: their presence marks a finished run.
-    try:
+    with reported_write_failures(f"the result to '{out}'", _finish_hint(out)):
+        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        plot_loss(summary.rows, out / "loss.png",
+                  {"base": base_metrics["loss"], "tuned": tuned_metrics["loss"]} if tuned_metrics else None)
+        pictures = checked.method.write_reports(built.attached, summary.rows, cfg, out)
+        # The method's weights are written last: their presence marks a finished run.
         written = checked.method.save(built.attached, checked.tokenizer, cfg, out, built.base_model, summary.steps)
-    except (OSError, SafetensorError) as exc:
-        raise OutputWriteError(
-            f"could not write the result to '{out}' ({getattr(exc, 'strerror', None) or exc}); free disk space or "
-            f"fix permissions, then rerun with resume=true: the final checkpoint in {out / CHECKPOINTS} holds the "
-            "trained weights"
-        ) from None
     console.print(f"wrote {escape(str(out))}/ ({written}, {', '.join(pictures + ['metrics.jsonl', 'loss.png', 'eval.json'])})")
+    if requested_stop():
+        console.print(f"note: {requested_stop()} arrived while the result was being written; the run is complete")
     return TrainResult(out, summary.steps, summary.examples, summary.tokens, summary.seconds, built.precision,
                        built.packing, base_metrics, tuned_metrics)
 
@@ -242,11 +249,15 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with `cfg.method` on `cfg.data`; writes the run directory `cfg.output`.
 
     Everything that can be checked is checked before any weight loads or any file in `output` changes,
-    so bad input fails in seconds, not after an hour, and never costs a previous run."""
+    so bad input fails in seconds, not after an hour, and never costs a previous run. SIGTERM / SIGINT
+    anywhere stop the run at the next safe point with `StopRequested` (see train/signals.py)."""
     console = console or Console(stderr=True)
-    checked = check_run(cfg, console)
-    with ExitStack() as stack:
+    with stop_requests(), ExitStack() as stack:
+        checked = check_run(cfg, console)
+        again = ("resume=true continues from the checkpoint" if cfg.resume else "nothing was trained or written")
+        stop_point("before loading the model", cfg.resume, again)
         built = build_run(checked, console, stack)
+        stop_point("after loading the model, before training", cfg.resume, again)
         train_set, eval_set = checked.train_set, checked.eval_set
         console.print(
             f"slimtune: {checked.method.name} on {escape(cfg.model)}; {len(train_set)} training examples "
@@ -257,7 +268,8 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
             console.print(f"resuming from {escape(str(checked.resume_from.path))} (step {checked.resume_from.step})")
         trainable, total = built.attached.parameter_counts()
         console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-        (cfg.output / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
+        with reported_write_failures(f"the run config to '{cfg.output / RUN_CONFIG}'", "run the same command again"):
+            (cfg.output / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
         with training_mode(built.model, cfg.train, console):
             summary = run_training(
                 built.model, built.attached, train_set, cfg.train, checked.tokenizer.pad_token_id,

@@ -19,7 +19,6 @@ Message = dict[str, str]
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "model": "assistant", "system": "system"}
-_MESSAGE_ROLES = {"system", "user", "assistant"}
 
 
 def detect_format(row: Row) -> Format:
@@ -40,6 +39,26 @@ def detect_format(row: Row) -> Format:
 def _text(row: Row, value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{row.source}: {what} must be a string, got {type(value).__name__} {value!r:.60}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON may escape half of a UTF-16 pair ("\ud800"); no tokenizer takes it
+        raise DataError(f"{row.source}: {what} holds a lone surrogate {value[exc.start]!r} at character {exc.start}, "
+                        "half of a UTF-16 pair that is no character; fix the escape sequence in the file") from None
+    return value
+
+
+def _optional_text(row: Row, data: dict[str, Any], key: str) -> str:
+    """An optional string field: absent or null is empty, anything else must be a string."""
+    value = data.get(key)
+    return "" if value is None else _text(row, value, f"'{key}'")
+
+
+def _choice(row: Row, value: Any, what: str, choices) -> Any:
+    """A role-like field: a string that is one of `choices` (dict keys or a set)."""
+    if not isinstance(value, str) or value not in choices:
+        shown = f"{type(value).__name__} {value!r:.60}" if not isinstance(value, str) else repr(value)
+        *most, last = choices
+        raise DataError(f"{row.source}: {what} is {shown}; use one of {', '.join(most)} or {last}")
     return value
 
 
@@ -49,18 +68,21 @@ def _alpaca(row: Row) -> list[Message]:
         if key not in data:
             raise DataError(f"{row.source}: Alpaca row needs '{key}' (a string); the row has keys {sorted(data)}")
     messages: list[Message] = []
-    if data.get("system"):
-        messages.append({"role": "system", "content": _text(row, data["system"], "'system'")})
-    history = data.get("history") or []
+    system = _optional_text(row, data, "system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = data.get("history")
+    history = [] if history is None else history
     if not isinstance(history, list):
-        raise DataError(f"{row.source}: 'history' must be a list of [user, assistant] pairs")
+        raise DataError(f"{row.source}: 'history' must be a list of [user, assistant] pairs, got "
+                        f"{type(history).__name__} {history!r:.60}")
     for turn in history:
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
             raise DataError(f"{row.source}: each 'history' entry must be a [user, assistant] pair, got {turn!r:.60}")
         messages.append({"role": "user", "content": _text(row, turn[0], "a history user turn")})
         messages.append({"role": "assistant", "content": _text(row, turn[1], "a history assistant turn")})
     prompt = _text(row, data["instruction"], "'instruction'")
-    extra = _text(row, data.get("input") or "", "'input'")
+    extra = _optional_text(row, data, "input")
     if extra:
         prompt = f"{prompt}\n{extra}" if prompt else extra
     messages.append({"role": "user", "content": prompt})
@@ -76,12 +98,7 @@ def _sharegpt(row: Row) -> list[Message]:
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{row.source}: conversations[{index}] must be an object with 'from' and 'value'")
-        role = _SHAREGPT_ROLES.get(turn["from"])
-        if role is None:
-            raise DataError(
-                f"{row.source}: conversations[{index}] has unknown 'from' {turn['from']!r}; "
-                f"use one of {', '.join(_SHAREGPT_ROLES)}"
-            )
+        role = _SHAREGPT_ROLES[_choice(row, turn["from"], f"conversations[{index}].from", _SHAREGPT_ROLES)]
         messages.append({"role": role, "content": _text(row, turn["value"], f"conversations[{index}].value")})
     return messages
 
@@ -94,10 +111,7 @@ def _messages(row: Row) -> list[Message]:
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise DataError(f"{row.source}: messages[{index}] must be an object with 'role' and 'content'")
-        if turn["role"] not in _MESSAGE_ROLES:
-            raise DataError(
-                f"{row.source}: messages[{index}] has unknown role {turn['role']!r}; use system, user or assistant"
-            )
+        _choice(row, turn["role"], f"messages[{index}].role", ("system", "user", "assistant"))
         messages.append({"role": turn["role"], "content": _text(row, turn["content"], f"messages[{index}].content")})
     return messages
 

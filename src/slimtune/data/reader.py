@@ -21,30 +21,51 @@ class Row:
     source: str  # "path:line"
 
 
-def _line_of(text: str, offset: int) -> int:
-    return text.count("\n", 0, offset) + 1
+class _LineCounter:
+    """Line numbers of increasing offsets in one text, counting each newline once: O(len(text)) for a
+    whole file, where counting from the start for every row would be quadratic."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.offset, self.line = text, 0, 1
+
+    def line_of(self, offset: int) -> int:
+        if offset < self.offset:  # never happens for a forward walk; correct anyway
+            self.offset, self.line = 0, 1
+        self.line += self.text.count("\n", self.offset, offset)
+        self.offset = offset
+        return self.line
+
+
+def _decode(path: Path, line: int, decode, first_line: int):
+    """`decode()` with its failures as `file:line` errors; `line` is the row's, `first_line` the line of the
+    decoded text's first character (JSON errors count lines from there)."""
+    try:
+        return decode()
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{first_line + exc.lineno - 1}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line}: the JSON nests too deeply to read; flatten this example") from None
 
 
 def _read_json_array(path: Path, text: str) -> list[Row]:
     # Walk the array element by element so each row keeps the line it starts on.
     decoder = json.JSONDecoder()
+    lines = _LineCounter(text)
     pos = len(text) - len(text.lstrip())
     if not text.startswith("[", pos):
-        raise DataError(f"{path}:{_line_of(text, pos)}: a .json dataset must be an array of objects `[{{...}}, ...]`; for one object per line use .jsonl")
+        raise DataError(f"{path}:{lines.line_of(pos)}: a .json dataset must be an array of objects `[{{...}}, ...]`; for one object per line use .jsonl")
     pos += 1
     rows: list[Row] = []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text):
-            raise DataError(f"{path}:{_line_of(text, pos)}: the array is not closed with ']'")
+            raise DataError(f"{path}:{lines.line_of(pos)}: the array is not closed with ']'")
         if text[pos] == "]":
             return rows
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        line = _line_of(text, pos)
+        line = lines.line_of(pos)
+        # raw_decode reports lines within the whole text, so they count from line 1.
+        value, end = _decode(path, line, lambda: decoder.raw_decode(text, pos), first_line=1)
         if not isinstance(value, dict):
             raise DataError(f"{path}:{line}: each example must be a JSON object, got {type(value).__name__}")
         rows.append(Row(value, f"{path}:{line}"))
@@ -60,6 +81,8 @@ def read_rows(path: str | Path) -> list[Row]:
         text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read data file '{path}' ({exc.strerror}): check its permissions") from None
     if not text.strip():
         raise DataError(f"data file '{path}' is empty: it needs at least one example")
     stripped = text.lstrip()
@@ -72,10 +95,7 @@ def read_rows(path: str | Path) -> list[Row]:
         for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            value = _decode(path, number, lambda: json.loads(line), first_line=number)
             if not isinstance(value, dict):
                 raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(value).__name__}")
             rows.append(Row(value, f"{path}:{number}"))

@@ -291,6 +291,10 @@ class AdaLoRAMethod(AttachedMethod):
                 self._mask(budget)
         elif step == end_of_budget_phase:
             budget = self.target_budget
+            if not self.allocator.sensitivity:
+                # A budget phase that ends at step 1 (a one-step run) saw no earlier step to score; this
+                # step's gradients are the only evidence (PEFT fails here on an empty score table).
+                self.allocator.update(self.named)
             self._mask(budget)
             self.allocator.reset()
         else:

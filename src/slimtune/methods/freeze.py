@@ -103,9 +103,13 @@ def parse_layer_spec(spec: str, num_layers: int) -> set[int]:
             raise AdapterError(f"freeze.layers entry '{part}' is not an index or a range like '0-3' (in '{spec}')")
         start = int(match.group(1))
         end = int(match.group(2)) if match.group(2) is not None else start
-        start, end = (start % num_layers if start < 0 else start), (end % num_layers if end < 0 else end)
-        if not 0 <= start <= end < num_layers:
-            raise AdapterError(f"freeze.layers '{part}' is outside the model's layers 0-{num_layers - 1}")
+        if not (-num_layers <= start < num_layers and -num_layers <= end < num_layers):
+            # Checked before the negatives are resolved: -100 on a 30-layer model must not wrap to a real layer.
+            raise AdapterError(f"freeze.layers '{part}' is outside the model's layers 0-{num_layers - 1} "
+                               f"(or -{num_layers} to -1 from the end)")
+        start, end = (start + num_layers if start < 0 else start), (end + num_layers if end < 0 else end)
+        if start > end:
+            raise AdapterError(f"freeze.layers '{part}' runs backwards: write the range from the lower layer up")
         chosen.update(range(start, end + 1))
     return chosen
 

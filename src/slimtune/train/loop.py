@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from safetensors import SafetensorError
 
 from slimtune.config import TrainSettings
 from slimtune.data import Dataset, Encoded, pad_batch
 from slimtune.methods.base import AttachedMethod
-from slimtune.errors import OutputWriteError, SlimtuneError
+from slimtune.atomic import reported_write_failures
+from slimtune.errors import SlimtuneError
 from slimtune.train.checkpoint import Checkpoint, load_method_state, restore_checkpoint, save_checkpoint
 from slimtune.train.loss import response_loss_sum
 from slimtune.train.heap import release_free_memory
@@ -33,7 +33,7 @@ from slimtune.train.runtime import Runtime
 from slimtune.train.optim8bit import build_optimizer
 from slimtune.train.packing import pack_examples
 from slimtune.train.precision import autocast
-from slimtune.train.signals import stop_requests
+from slimtune.train.signals import StopRequested, stop_requests
 from slimtune.train.schedule import lr_multiplier, warmup_steps
 
 
@@ -99,11 +99,11 @@ def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-class TrainingInterrupted(SlimtuneError):
+class TrainingInterrupted(StopRequested):
     """Training stopped on a signal after saving a checkpoint; resuming continues from it."""
 
     def __init__(self, step: int, signal_name: str, checkpoint: Path) -> None:
-        super().__init__(f"{signal_name}: stopped after step {step}, checkpoint saved to {checkpoint}")
+        super().__init__(f"{signal_name}: stopped after step {step}, checkpoint saved to {checkpoint}", True)
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -222,16 +222,14 @@ def run_training(
         progress_state = {"tokens": tokens_seen, "examples": examples_seen, "skipped": skipped,
                           "micro_batches": step * settings.grad_accum,
                           "elapsed_s": previous_elapsed + time.perf_counter() - started}
-        try:
+        with reported_write_failures(f"a checkpoint to {checkpoint_dir} at step {step}",
+                                     "rerun with resume=true (the previous checkpoint is intact)"):
             return save_checkpoint(checkpoint_dir, step, named, optimizer, scheduler, progress_state,
                                    config_snapshot or {}, settings.keep_checkpoints, method.state_tensors())
-        except (OSError, SafetensorError) as exc:
-            raise OutputWriteError(
-                f"could not write a checkpoint to {checkpoint_dir} at step {step} ({getattr(exc, 'strerror', None) or exc}); "
-                "free disk space or fix permissions, then rerun with resume=true (the previous checkpoint is intact)"
-            ) from None
 
-    reporter = Reporter(settings, steps, first_step, metrics_path, console, runtime, config_snapshot)
+    with reported_write_failures(f"{metrics_path}", "rerun with resume=true (the newest checkpoint is intact), "
+                                 "or without it if the run has none"):
+        reporter = Reporter(settings, steps, first_step, metrics_path, console, runtime, config_snapshot)
     with reporter, stop_requests() as stop:
         for step in range(first_step, steps + 1):
             micro = [next(batches) for _ in range(settings.grad_accum)]
@@ -268,7 +266,9 @@ def run_training(
             if result.extra:
                 row["extra_loss"] = round(result.extra, 6)
             row.update(hook_metrics)
-            reporter.report(step, row, result.finite)
+            with reported_write_failures(f"the metrics of step {step} to {metrics_path}",
+                                         "rerun with resume=true (the newest checkpoint is intact)"):
+                reporter.report(step, row, result.finite)
             if runtime.any(stop.requested):
                 saved = checkpoint(step)
                 raise TrainingInterrupted(step, stop.signal_name or "signal", saved or Path("(no checkpoint dir)"))

@@ -54,5 +54,7 @@ def plot_loss(rows: list[dict[str, Any]], path: Path, eval_losses: dict[str, flo
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:  # a failed write (disk full) must not leak the figure
+        plt.close(fig)
