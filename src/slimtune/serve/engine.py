@@ -31,7 +31,7 @@ import torch
 from slimtune.methods.multi import AdapterSet
 from slimtune.serve.detokenize import TextStream
 from slimtune.serve.errors import APIError
-from slimtune.serve.kvbatch import DecodeBatch, new_cache, prefill_inputs
+from slimtune.serve.kvbatch import DecodeBatch, check_servable, new_cache, prefill_inputs
 from slimtune.serve.sampling import SamplingParams, make_generator, next_tokens
 
 log = logging.getLogger("slimtune.serve")
@@ -119,7 +119,7 @@ class Engine:
         self.adapters = adapters
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
-        new_cache(model.config)  # refuses models whose cache cannot be batched this way
+        check_servable(model.config)  # refuses models whose cache cannot be batched this way
         self.device = next(model.parameters()).device
         self.eos_id = tokenizer.eos_token_id  # the same stop token `slimtune generate` uses
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -219,9 +219,9 @@ class Engine:
     @torch.no_grad()
     def _prefill(self, group: list[Generation]) -> None:
         ids, mask, positions = prefill_inputs([g.prompt_ids for g in group], self.pad_id, self.device)
-        cache = new_cache(self.model.config)
+        cache = new_cache()
         with self.adapters.per_row([g.adapter for g in group]):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                 use_cache=True, logits_to_keep=1).logits[:, -1]  # (rows, vocab)
         for generation in group:
             generation.text = TextStream(self.tokenizer, generation.params.stop)
@@ -244,7 +244,7 @@ class Engine:
         attention_mask, positions = self._batch.step_inputs()
         with self.adapters.per_row([g.adapter for g in self._rows]):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                past_key_values=self._batch.cache, use_cache=True).logits[:, -1]
+                                cache=self._batch.cache, use_cache=True).logits[:, -1]
         self._batch.advance(attention_mask)
         alive = self._take_tokens(self._rows, logits)
         self._batch.keep(alive)
