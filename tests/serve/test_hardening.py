@@ -173,3 +173,11 @@ def test_adapters_are_bounded_in_number(small_server):
     error = error_of(response, 409)
     assert "--max-adapters" in error["message"] and error["code"] == "too_many_adapters", error
     assert "third" not in small_server.state.registry.paths
+
+
+def test_health_reports_a_stopped_engine(small_server):
+    """Runs last in this module: it stops the small server's engine thread."""
+    assert httpx.get(small_server.url + "/health", timeout=30).status_code == 200
+    small_server.state.engine.stop()
+    response = httpx.get(small_server.url + "/health", timeout=30)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_stopped", response.text

@@ -220,6 +220,8 @@ def create_app(state: ServerState, api_key: str | None = None, allowed_hosts: fr
 
     @app.get("/health")
     async def health() -> dict:
+        if not state.engine.running:
+            raise APIError(503, "the engine thread has stopped: restart the server", code="engine_stopped")
         return {"status": "ok"}
 
     def model_card(name: str, parent: str | None, root: str) -> dict:

@@ -158,6 +158,11 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is alive (what /health reports)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, generation: Generation) -> None:
         self._work.put(generation)
 
