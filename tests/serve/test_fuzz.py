@@ -39,37 +39,40 @@ def fuzz_settings(ci_examples: int) -> settings:
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 8), st.integers(min_value=-(2**80), max_value=2**80),
                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
                     st.sampled_from(["", "\x00", "\ud800", "../../etc/passwd", "/etc", "é✓", "a" * 300]))
+edges = st.sampled_from([2**31, 2**63, 2**64, -(2**63) - 1, 10**30, 1e308, math.nan, math.inf, -1, 0, "", None, [],
+                         {}])  # where types and ranges end
 json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                             st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                            max_leaves=8)
-small_ints = st.one_of(st.integers(-2, 6), json_values)  # keeps most generations short
 
 
-@st.composite
-def chat_bodies(draw) -> dict:
-    part = st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)}), json_values)
-    message = st.fixed_dictionaries({
-        "role": st.one_of(st.sampled_from(["user", "system", "assistant", "developer", "tool"]), json_values),
-        "content": st.one_of(st.text(max_size=20), st.lists(part, max_size=2), json_values)})
-    body = draw(st.fixed_dictionaries(
-        {"model": st.one_of(st.sampled_from(["alpha", "beta", "nope"]), json_values),
-         "messages": st.one_of(st.lists(message, min_size=1, max_size=3), json_values)},
-        optional={"max_tokens": small_ints, "max_completion_tokens": small_ints, "temperature": json_values,
-                  "top_p": json_values, "stop": st.one_of(st.lists(st.text(max_size=5), max_size=20), json_values),
-                  "seed": json_values, "stream": json_values, "stream_options": json_values, "n": json_values,
-                  "logprobs": json_values, "tools": json_values, "response_format": json_values}))
-    return body
+def _valid_then_mutated(valid: dict, fields: list[str]):
+    """A body drawn valid, then up to three fields (of `fields`) replaced by any JSON value: most cases get
+    past the first checks and reach the deeper ones (sampling, the engine, the detokenizer)."""
+    return st.tuples(st.fixed_dictionaries(valid),
+                     st.dictionaries(st.sampled_from(fields), st.one_of(edges, json_values), min_size=1, max_size=3)
+                     ).map(lambda t: {**t[0], **t[1]})
 
 
-@st.composite
-def completion_bodies(draw) -> dict:
-    prompt = st.one_of(st.text(max_size=20), st.lists(st.text(max_size=8), max_size=3),
-                       st.lists(st.integers(-5, 400), max_size=6),
-                       st.lists(st.lists(st.integers(-5, 400), max_size=4), max_size=3), json_values)
-    return draw(st.fixed_dictionaries(
-        {"model": st.one_of(st.sampled_from(["alpha", "beta"]), json_values), "prompt": prompt},
-        optional={"max_tokens": small_ints, "temperature": json_values, "stop": json_values, "seed": json_values,
-                  "stream": json_values, "echo": json_values, "suffix": json_values, "best_of": json_values}))
+_SAMPLING = {"max_tokens": st.integers(1, 6), "temperature": st.floats(0, 2), "top_p": st.floats(0, 1),
+             "seed": st.integers(0, 2**64 - 1), "stop": st.lists(st.text(max_size=4), max_size=4),
+             "stream": st.booleans()}
+_MUTABLE = [*_SAMPLING, "model", "stream_options", "n", "logprobs", "tools", "response_format", "echo", "suffix",
+            "best_of", "ignore_eos"]
+
+_part = st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)}), json_values)
+_message = st.fixed_dictionaries({
+    "role": st.one_of(st.sampled_from(["user", "system", "assistant", "developer", "tool"]), json_values),
+    "content": st.one_of(st.text(max_size=20), st.lists(_part, max_size=2), json_values)})
+chat_bodies = _valid_then_mutated(
+    {"model": st.sampled_from(["alpha", "beta", "nope"]), "messages": st.lists(_message, min_size=1, max_size=3),
+     **_SAMPLING}, [*_MUTABLE, "messages", "max_completion_tokens"])
+completion_bodies = _valid_then_mutated(
+    {"model": st.sampled_from(["alpha", "beta"]),
+     "prompt": st.one_of(st.text(max_size=20), st.lists(st.text(max_size=8), max_size=3),
+                         st.lists(st.integers(-5, 400), max_size=6),
+                         st.lists(st.lists(st.integers(-5, 400), max_size=4), max_size=3)),
+     **_SAMPLING}, [*_MUTABLE, "prompt"])
 
 
 def check_answer(response: httpx.Response, root) -> None:
@@ -100,13 +103,13 @@ def _post_json(http, path: str, body) -> httpx.Response:
 
 
 @fuzz_settings(50)
-@given(body=chat_bodies())
+@given(body=chat_bodies)
 def test_fuzz_chat_bodies(server, http, adapter_root, body):
     check_answer(_post_json(http, "/v1/chat/completions", body), adapter_root)
 
 
 @fuzz_settings(40)
-@given(body=completion_bodies())
+@given(body=completion_bodies)
 def test_fuzz_completion_bodies(server, http, adapter_root, body):
     check_answer(_post_json(http, "/v1/completions", body), adapter_root)
 
