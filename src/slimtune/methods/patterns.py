@@ -36,7 +36,7 @@ class ModulePattern:
             regex.compile(pattern, flags=regex.VERSION0)  # the key alone, so a syntax error is reported as its own
             self._compiled = regex.compile(rf"(.*\.)?({pattern})$" if suffix else pattern, flags=regex.VERSION0)
         except (regex.error, RecursionError, OverflowError) as exc:
-            raise error(f"{what} '{pattern}' is not a valid regex ({exc})") from None
+            raise error(f"{what} '{pattern}' is invalid ({exc}); fix it, or give a list of module names") from None
 
     def _run(self, method: str, text: str) -> bool:
         try:
