@@ -77,8 +77,8 @@ class AdapterRegistry:
         except Exception:  # noqa: BLE001 - whatever the file does to the YAML reader, the load is refused whole
             log.exception("reading the run config of adapter '%s' failed", name)
             reason = f"{RUN_CONFIG} cannot be read"
-        raise APIError(400, f"cannot load adapter '{name}' from {path_text!r}: {reason} (the run's {RUN_CONFIG} must be "
-                            "a readable slimtune run config, or be absent for a bare PEFT adapter)",
+        raise APIError(400, f"cannot load adapter '{name}' from {path_text!r}: {reason} (the run's {RUN_CONFIG} "
+                            "must be a readable slimtune run config, or be absent for a bare PEFT adapter)",
                        param="lora_path")
 
     def _relative(self, exc: Exception) -> str:

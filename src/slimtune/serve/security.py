@@ -6,7 +6,8 @@
   directory the server starts in). A path is taken relative to the root; `..` components are refused
   outright, and the path and every entry of the directory (adapter_config.json, the safetensors
   file, the run's config.yaml ...) are resolved (symlinks followed) and must all stay inside the
-  root. Adapter names are short plain words, so a name can never act as a path. Weights are read from safetensors only (`read_lora_adapter` refuses pickles).
+  root. Adapter names are short plain words, so a name can never act as a path. Weights are read
+  from safetensors only (`read_lora_adapter` refuses pickles).
 - Limits: generated tokens, prompt tokens, request body bytes, stop strings, requests in flight,
   loaded adapters and KV-cache tokens are bounded; going over one is a 400, 409, 413 or 429 that says
   which limit and how to stay under it.
