@@ -14,6 +14,7 @@ everything that runs a LoRA adapter (generate, eval, merge, several adapters on 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -113,8 +114,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         raise AdapterError(f"'{adapter_dir}' has no {CONFIG_NAME}: point to a run directory or a PEFT adapter directory")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise AdapterError(f"{path}: not valid JSON ({reason})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: must hold a JSON object of fields, got a {type(config).__name__}")
     if config.get("peft_type") not in ("LORA", "ADALORA"):
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported here "
                            "(expected 'LORA' or 'ADALORA')")
@@ -139,7 +143,42 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         unsupported["lora_bias"] = config["lora_bias"]
     if unsupported:
         raise AdapterError(f"{path}: options not supported yet: {unsupported}")
+    _check_field_types(path, config, rank_key)
     return config
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_field_types(path: Path, config: dict[str, Any], rank_key: str) -> None:
+    """Raise for a field of the wrong type or out of range (`"r": null`, an infinite alpha ...), so that
+    nothing later computes with it."""
+    problems = []
+    if not _positive_int(config[rank_key]):
+        problems.append(f"'{rank_key}' must be a positive integer, got {config[rank_key]!r}")
+    if not _finite_number(config["lora_alpha"]):
+        problems.append(f"'lora_alpha' must be a finite number, got {config['lora_alpha']!r}")
+    targets = config["target_modules"]
+    if not (isinstance(targets, str) and targets or isinstance(targets, list) and targets
+            and all(isinstance(t, str) and t for t in targets)):
+        problems.append(f"'target_modules' must be a regex string or a non-empty list of module names, got {targets!r}")
+    for key in ("use_dora", "use_rslora"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            problems.append(f"'{key}' must be true or false, got {config[key]!r}")
+    checks = {"alpha_pattern": (_finite_number, "finite numbers")}
+    if config["peft_type"] == "LORA":  # AdaLoRA's rank_pattern holds masks of kept ranks, checked by its reader
+        checks["rank_pattern"] = (_positive_int, "positive integers")
+    for key, (valid, what) in checks.items():
+        bad = {k: v for k, v in (config.get(key) or {}).items() if not valid(v)}
+        if bad:
+            problems.append(f"'{key}' values must be {what}, got {bad!r}")
+    if problems:
+        raise AdapterError(f"{path}: {'; '.join(problems)}")
 
 
 def _require_keys(weights: Path, expected: set[str], loaded: dict[str, torch.Tensor]) -> None:
@@ -190,6 +229,11 @@ def read_lora_adapter(
     for key, shape in expected.items():
         if tuple(loaded[key].shape) != shape:
             raise AdapterError(f"{weights}: '{key}' has shape {tuple(loaded[key].shape)}, the model needs {shape}")
+        # A NaN or inf weight would make this adapter's output garbage and, in a server's mixed batch, every
+        # row's (0 * NaN is NaN in the stacked matmul): refuse it here, before anything uses it.
+        if loaded[key].is_floating_point() and not bool(torch.isfinite(loaded[key]).all()):
+            raise AdapterError(f"{weights}: '{key}' holds non-finite values (NaN or inf): the adapter is broken; "
+                               "retrain it or load an earlier checkpoint")
     return config, paths, {key[len(PEFT_PREFIX):]: value for key, value in loaded.items()}
 
 

@@ -202,6 +202,13 @@ def serve(
     max_concurrent: Annotated[int, typer.Option(
         min=1, help="Prompts queued or generating at once; more are refused (429).")] = 256,
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together in one forward pass.")] = 64,
+    max_kv_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="KV-cache budget in tokens: rows x (longest prompt + max_tokens) stays under it, requests wait "
+                    "for room (default: half the memory free at start).")] = None,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Adapters loaded at once; more are refused (409).")] = 64,
+    allow_host: Annotated[Optional[list[str]], typer.Option(
+        help="On a loopback --host, also answer requests with this Host header (repeatable; default: only "
+             "localhost, 127.0.0.1, [::1]).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     quantize: Annotated[str, typer.Option(
         help="nf4: freeze the base's linear layers in NF4, the base QLoRA adapters were trained on; none: keep "
@@ -225,8 +232,10 @@ def serve(
         adapters[name] = path
     limits = ServeLimits(max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
                          max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
-                         max_concurrent=max_concurrent, max_batch=max_batch)
-    run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize)
+                         max_concurrent=max_concurrent, max_batch=max_batch, max_kv_tokens=max_kv_tokens,
+                         max_adapters=max_adapters)
+    run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize,
+               tuple(allow_host or ()))
 
 
 def main() -> None:

@@ -133,8 +133,10 @@ def run_config(run_dir: str | Path) -> Config | None:
         return None
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not a readable run config ({type(exc).__name__}); restore it or remove it") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        reason = ("not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else
+                  "nested too deeply" if isinstance(exc, RecursionError) else "not valid YAML")
+        raise ConfigError(f"{path}: not a readable run config ({reason}); restore it or remove it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config must be a mapping of keys, got {type(data).__name__}")
     return build_config(drop_unread_sections(data), source=str(path))

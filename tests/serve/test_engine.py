@@ -116,6 +116,8 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(engine):
     engine.submit(bad)
     wait([bad.sink])
     assert isinstance(bad.sink.events[-1], Failed) and bad.sink.events[-1].error.status == 500
+    message = bad.sink.events[-1].error.message
+    assert "request id req_" in message and "Error" not in message, f"an id, not the exception: {message}"
     again, again_recorder = submit(engine, "hi", "alpha", steps=5)
     wait([again_recorder])
     assert again_recorder.text == good, "the engine keeps serving after a failed prefill"

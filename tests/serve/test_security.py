@@ -150,7 +150,7 @@ def _last_layer_rank_40(path):
 
 @pytest.mark.parametrize("name, edit, fragment", [
     ("rank", _set_config(r=8), "the model needs (8, 32)"),  # the tensors have rank 4
-    ("zero-rank", _set_config(r=0), "the model needs (0, 32)"),
+    ("zero-rank", _set_config(r=0), "'r' must be a positive integer, got 0"),
     ("rank-over-layer-size", _last_layer_rank_40, "exceeds the layer size"),
     ("peft-type", _set_config(peft_type="IA3"), "peft_type 'IA3' is not supported"),
     ("targets", _set_config(target_modules=["q_prj"]), "q_prj"),

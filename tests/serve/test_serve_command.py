@@ -58,7 +58,7 @@ def test_serve_process_end_to_end(adapter_root, tiny_model_dir):
     env = {**os.environ, "SLIMTUNE_API_KEY": "k-123", "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
     process = subprocess.Popen(
         [sys.executable, "-m", "slimtune.cli", "serve", "--model", str(tiny_model_dir), "--adapter", "alpha=alpha",
-         "--port", "0"], cwd=adapter_root, env=env, stderr=subprocess.PIPE, text=True)
+         "--port", "0", "--allow-host", "myhost.test"], cwd=adapter_root, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline, url, lines = time.monotonic() + 120, None, []
         while url is None:
@@ -71,6 +71,12 @@ def test_serve_process_end_to_end(adapter_root, tiny_model_dir):
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k-123"}, timeout=30).json()
         assert [m["id"] for m in models["data"]] == [str(tiny_model_dir), "alpha"]
         assert httpx.get(url + "/v1/models", timeout=30).status_code == 401, "the key comes from SLIMTUNE_API_KEY"
+        port = url.rsplit(":", 1)[1]
+        for host, status in ((f"evil.example:{port}", 403), ("attacker.test", 403), (f"localhost:{port}", 200),
+                             (f"[::1]:{port}", 200), (f"myhost.test:{port}", 200)):
+            # A page on a rebound domain sends its own name as Host: refused on a loopback server.
+            response = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k-123", "Host": host}, timeout=30)
+            assert response.status_code == status, f"Host {host}: {response.status_code} {response.text}"
         reply = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k-123"}, timeout=60,
                            json={"model": "alpha", "prompt": "hi", "max_tokens": 3}).json()
         assert reply["usage"]["completion_tokens"] <= 3

@@ -31,6 +31,7 @@ from torch import nn
 from slimtune.errors import AdapterError
 from slimtune.methods.base import AttachedMethod, Method, load_base
 from slimtune.methods.lowrank import dropped_low_rank
+from slimtune.methods.patterns import ModulePattern
 from slimtune.methods.targets import linear_layers, resolve_targets, short_names
 from slimtune.section import Section
 
@@ -338,7 +339,7 @@ def pattern_value(patterns: Mapping[str, float], path: str, default: float) -> f
     So `v_proj` matches every v_proj, `layers\\.0\\.self_attn\\.q_proj` one layer.
     """
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if ModulePattern(key, "pattern key", AdapterError, suffix=True).match(path):
             return value
     return default
 
@@ -385,11 +386,8 @@ def attach_lora(
     layers = linear_layers(model)
     for patterns, what in ((rank_pattern, "rank_pattern"), (alpha_pattern, "alpha_pattern")):
         for key in patterns or {}:
-            try:
-                re.compile(key)
-            except re.error as exc:
-                raise AdapterError(f"lora.{what} key '{key}' is not a valid regex ({exc})") from None
-            if not any(re.match(rf"(.*\.)?({key})$", path) for path in paths):
+            pattern = ModulePattern(key, f"lora.{what} key", AdapterError, suffix=True)
+            if not any(pattern.match(path) for path in paths):
                 raise AdapterError(
                     f"lora.{what} key '{key}' matches no adapted module (it must match the end of a path, "
                     f"e.g. 'v_proj' or 'layers\\.0\\.self_attn\\.q_proj'); adapted: {', '.join(short_names(paths))}"

@@ -10,12 +10,12 @@ Every list entry must match at least one linear layer; otherwise the error lists
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from torch import nn
 
 from slimtune.errors import TargetError
+from slimtune.methods.patterns import ModulePattern
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -47,10 +47,7 @@ def resolve_targets(model: nn.Module, spec: str | Sequence[str], layers: dict[st
     if isinstance(spec, str) and spec == "all-linear":
         chosen = names
     elif isinstance(spec, str):
-        try:
-            pattern = re.compile(spec)
-        except re.error as exc:
-            raise TargetError(f"target regex '{spec}' is invalid ({exc}); or give a list of names like [q_proj, v_proj]") from None
+        pattern = ModulePattern(spec, "target regex", TargetError)  # bounded time: see methods/patterns.py
         chosen = [name for name in names if pattern.fullmatch(name)]
         if not chosen:
             raise TargetError(

@@ -25,10 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from slimtune.data.render import ChatRenderer
 from slimtune.serve import schemas
 from slimtune.serve.engine import Delta, Engine, Event, Failed, Finished, Generation
-from slimtune.serve.errors import APIError, error_body
+from slimtune.serve.errors import APIError, FaultBoundary, error_body
 from slimtune.serve.registry import AdapterRegistry
 from slimtune.serve.sampling import SamplingParams
-from slimtune.serve.security import APIKeyMiddleware, BodyLimitMiddleware, ServeLimits
+from slimtune.serve.security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, ServeLimits
 
 log = logging.getLogger("slimtune.serve")
 
@@ -82,6 +82,14 @@ class ServerState:
         stop = body.stop_strings()
         if len(stop) > limits.max_stop:
             raise APIError(400, f"{len(stop)} stop strings given; at most {limits.max_stop} are allowed", param="stop")
+        longest_stop = max(map(len, stop), default=0)
+        if longest_stop > limits.max_stop_chars:
+            raise APIError(400, f"a stop string of {longest_stop} characters is over this server's limit of "
+                                f"{limits.max_stop_chars}: use a shorter one", param="stop")
+        if longest_prompt + max_tokens > self.engine.kv_tokens:
+            raise APIError(400, f"the prompt ({longest_prompt} tokens) plus max_tokens={max_tokens} exceed this "
+                                f"server's KV-cache budget of {self.engine.kv_tokens} tokens (--max-kv-tokens): lower "
+                                "max_tokens or shorten the prompt", param="max_tokens")
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
                               ignore_eos=body.ignore_eos)
@@ -171,8 +179,9 @@ async def _stream(submission: Submission, chunk: Callable[[int, str | None, str 
         submission.close()
 
 
-def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
-    """The ASGI app serving `state`; the engine thread runs while the app does (its lifespan)."""
+def create_app(state: ServerState, api_key: str | None = None, allowed_hosts: frozenset[str] | None = None) -> FastAPI:
+    """The ASGI app serving `state`; the engine thread runs while the app does (its lifespan). With
+    `allowed_hosts`, only requests with one of those Host headers are answered."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -186,7 +195,10 @@ def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
     app.state.server = state
     app.add_middleware(BodyLimitMiddleware, limit=state.limits.max_body_bytes)
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)  # added last, so it runs first
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts)
+    app.add_middleware(FaultBoundary)  # added last, so it runs first and sees every other layer's faults
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -208,6 +220,8 @@ def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
+        if not state.engine.running:
+            raise APIError(503, "the engine thread has stopped: restart the server", code="engine_stopped")
         return {"status": "ok"}
 
     def model_card(name: str, parent: str | None, root: str) -> dict:

@@ -6,7 +6,9 @@ from the same pieces. After each token the whole reply is decoded again (`skip_s
 - a trailing U+FFFD: the token ended inside a multi-byte UTF-8 character that the next token completes;
 - a tail that could be the start of a stop string: it is held until it either becomes the stop string
   (then the reply ends before it) or cannot any more.
-Decoding the whole reply each step costs O(reply length); replies are bounded by `max_tokens`.
+Decoding the whole reply each step costs O(reply length); replies are bounded by `max_tokens`. Stop
+strings cost O(their total length) per step: the held-back tail is found with the Knuth-Morris-Pratt
+failure function of each stop string (computed once), not by trying every prefix (quadratic).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self._failures = [_failure_function(s) for s in self.stop]
         self.ids: list[int] = []
         self.sent = ""  # text released so far; a prefix of every later decoding
         self.stopped = False
@@ -37,11 +40,10 @@ class TextStream:
         """How many trailing characters of `text` must wait: an incomplete character or a partial stop string."""
         held = len(text) - len(text.rstrip(_REPLACEMENT))
         visible = text[: len(text) - held]
-        for stop in self.stop:
-            for size in range(min(len(stop) - 1, len(visible)), 0, -1):
-                if visible.endswith(stop[:size]):
-                    held = max(held, len(text) - len(visible) + size)
-                    break
+        for stop, failure in zip(self.stop, self._failures):
+            size = _longest_suffix_prefix(visible[-(len(stop) - 1):] if len(stop) > 1 else "", stop, failure)
+            if size:
+                held = max(held, len(text) - len(visible) + size)
         return held
 
     def push(self, token_id: int) -> str:
@@ -67,3 +69,30 @@ class TextStream:
         # tokenizer ever rewrote released text, the later text is still released, never the earlier retracted.
         self.sent += piece
         return piece
+
+
+def _failure_function(pattern: str) -> list[int]:
+    """KMP: failure[i] = length of the longest proper prefix of pattern[: i + 1] that is also its suffix."""
+    failure = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = failure[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        failure[i] = k
+    return failure
+
+
+def _longest_suffix_prefix(text: str, pattern: str, failure: list[int]) -> int:
+    """The length of the longest suffix of `text` that is a proper prefix of `pattern`, in O(len(text) +
+    len(pattern)): run the KMP automaton of `pattern` over `text` and read its final state."""
+    k = 0
+    for char in text:
+        while k and (k == len(pattern) or char != pattern[k]):
+            k = failure[k - 1]
+        if char == pattern[k]:
+            k += 1
+    while k == len(pattern):  # a whole occurrence ends here: fall back to its longest proper border
+        k = failure[k - 1]
+    return k

@@ -2,17 +2,18 @@
 
 Requests (`Generation`) are queued from the web server's thread. Each turn of the loop
 1. runs queued commands (adapter load / unload) and takes queued requests,
-2. admits waiting requests while the batch has room: their prompts are prefilled together in one
-   left-padded forward pass (each row with its own adapter), which fills their KV cache and gives each
-   its first token; those rows then join the decode batch (continuous batching);
+2. admits waiting requests while the batch has room (rows, and KV-cache tokens: `kvbudget`): their
+   prompts are prefilled together in one left-padded forward pass (each row with its own adapter),
+   which fills their KV cache and gives each its first token; those rows then join the decode batch
+   (continuous batching);
 3. decodes one token for every row of the batch in one forward pass over the KV cache, row i using
    adapter names[i] (`AdapterSet.per_row`), and drops the rows that finished or were cancelled.
 So requests for different adapters and for the base model share every forward pass, and a new
-request waits at most one decode step before its prefill.
+request waits at most one decode step before its prefill, unless the batch is full.
 
 Results go back through each request's `sink` as `Delta` / `Finished` / `Failed` events, called on
 this thread; the web server turns them into responses. A failing forward pass fails the requests in
-it (500) and the loop goes on with an empty batch.
+it (a 500 naming only an id; the traceback is logged under it) and the loop goes on with an empty batch.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import torch
 
 from slimtune.methods.multi import AdapterSet
 from slimtune.serve.detokenize import TextStream
-from slimtune.serve.errors import APIError
-from slimtune.serve.kvbatch import DecodeBatch, new_cache, prefill_inputs
+from slimtune.serve.errors import APIError, new_fault_id, server_fault
+from slimtune.serve.kvbatch import DecodeBatch, check_servable, new_cache, prefill_inputs
+from slimtune.serve.kvbudget import derive_kv_tokens, kv_tokens_needed
 from slimtune.serve.sampling import SamplingParams, make_generator, next_tokens
 
 log = logging.getLogger("slimtune.serve")
@@ -82,6 +84,11 @@ class Generation:
         self.last_token = -1
         self.text: TextStream | None = None  # made by the engine, which holds the tokenizer
 
+    @property
+    def max_length(self) -> int:
+        """The most tokens this row can hold in the KV cache: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
     def cancel(self) -> None:
         self.cancelled = True
 
@@ -109,17 +116,26 @@ class _Command:
 _STOP = object()
 
 
+def _logged_fault(stage: str) -> APIError:
+    """Log the exception being handled under a new id; the 500 its requests get names only that id."""
+    fault_id = new_fault_id()
+    log.exception("%s failed (request id %s)", stage, fault_id)
+    return server_fault(fault_id, "generation failed")
+
+
 class Engine:
     """Owns `model` (with `adapters`) on one thread and decodes all requests together."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, adapters: AdapterSet, max_batch: int = 64,
-                 prefill_tokens: int = 4096) -> None:
+                 prefill_tokens: int = 4096, kv_tokens: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
-        new_cache(model.config)  # refuses models whose cache cannot be batched this way
+        # The KV cache's budget in tokens (see kvbudget.py); requests wait in the queue while it is full.
+        self.kv_tokens = kv_tokens if kv_tokens is not None else derive_kv_tokens(model)
+        check_servable(model.config)  # refuses models whose cache cannot be batched this way
         self.device = next(model.parameters()).device
         self.eos_id = tokenizer.eos_token_id  # the same stop token `slimtune generate` uses
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -142,6 +158,11 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is alive (what /health reports)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, generation: Generation) -> None:
         self._work.put(generation)
 
@@ -163,15 +184,13 @@ class Engine:
             if group:
                 try:
                     self._prefill(group)
-                except Exception as exc:  # noqa: BLE001 - one bad prefill must not stop the server
-                    log.exception("prefill failed")
-                    self._fail(group, APIError(500, f"generation failed: {type(exc).__name__}: {exc}"))
+                except Exception:  # noqa: BLE001 - one bad prefill must not stop the server
+                    self._fail(group, _logged_fault("prefill"))
             if self._rows:
                 try:
                     self._decode_step()
-                except Exception as exc:  # noqa: BLE001 - nor one bad decode step
-                    log.exception("decode step failed")
-                    self._fail(self._rows, APIError(500, f"generation failed: {type(exc).__name__}: {exc}"))
+                except Exception:  # noqa: BLE001 - nor one bad decode step
+                    self._fail(self._rows, _logged_fault("decode step"))
                     self._rows, self._batch = [], DecodeBatch()
         self._fail([*self._pending, *self._rows], APIError(503, "the server is shutting down: retry later"))
 
@@ -196,9 +215,11 @@ class Engine:
                 generation.send(Failed(generation.index, error))
 
     def _admit(self) -> list[Generation]:
-        """Waiting requests that fit into the batch now, their prompts within the prefill budget."""
+        """Waiting requests that fit into the batch now, in arrival order: their prompts within the prefill
+        budget, and the batch's KV cache within its budget however long every row runs (kvbudget.py)."""
         group: list[Generation] = []
         tokens = 0
+        lengths = [g.max_length for g in self._rows]
         while self._pending and len(self._rows) + len(group) < self.max_batch:
             generation = self._pending[0]
             if generation.cancelled:
@@ -212,16 +233,20 @@ class Engine:
                 continue
             if group and tokens + len(generation.prompt_ids) > self.prefill_tokens:
                 break
+            # Alone, a request always goes ahead: the route refused the ones that exceed the budget by themselves.
+            if lengths and kv_tokens_needed([*lengths, generation.max_length]) > self.kv_tokens:
+                break
             tokens += len(generation.prompt_ids)
+            lengths.append(generation.max_length)
             group.append(self._pending.popleft())
         return group
 
     @torch.no_grad()
     def _prefill(self, group: list[Generation]) -> None:
         ids, mask, positions = prefill_inputs([g.prompt_ids for g in group], self.pad_id, self.device)
-        cache = new_cache(self.model.config)
+        cache = new_cache()
         with self.adapters.per_row([g.adapter for g in group]):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                 use_cache=True, logits_to_keep=1).logits[:, -1]  # (rows, vocab)
         for generation in group:
             generation.text = TextStream(self.tokenizer, generation.params.stop)
@@ -244,7 +269,7 @@ class Engine:
         attention_mask, positions = self._batch.step_inputs()
         with self.adapters.per_row([g.adapter for g in self._rows]):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                past_key_values=self._batch.cache, use_cache=True).logits[:, -1]
+                                cache=self._batch.cache, use_cache=True).logits[:, -1]
         self._batch.advance(attention_mask)
         alive = self._take_tokens(self._rows, logits)
         self._batch.keep(alive)

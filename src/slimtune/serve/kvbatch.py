@@ -19,17 +19,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import get_layer_types_and_kwargs
+
+# Attention layers whose keys and values the batch can hold as a plain full-length cache.
+_SERVABLE_LAYERS = {"full_attention", "sliding_attention"}
 
 
-def new_cache(config) -> DynamicCache:
-    """An empty cache for `config`'s model; refuses models with sliding-window or other special layers,
-    whose caches cannot be left-padded and merged this way."""
-    cache = DynamicCache(config=config)
-    odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+def check_servable(config) -> None:
+    """Refuse models whose attention layers need a cache other than keys/values per position (linear
+    attention, chunked attention, shared KV ...): those caches cannot be left-padded and merged this way."""
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    odd = sorted(set(layer_types) - _SERVABLE_LAYERS)
     if odd:
-        raise ValueError(f"the server batches full-attention models only; this model has {', '.join(odd)} cache layers")
-    return cache
+        raise ValueError(f"the server batches full and sliding-window attention only; this model has "
+                         f"{', '.join(odd)} layers")
+
+
+def new_cache() -> DynamicCache:
+    """An empty cache with one full `DynamicLayer` per attention layer, sliding-window layers included.
+
+    A sliding-window layer keeps every position here rather than the last `window - 1`: the model's
+    sliding mask (built from the config by the position of each cache column) hides the positions
+    outside the window, which gives the same attention as transformers' own sliding cache. Every row's
+    tokens are contiguous at the right of the batch (left padding only), so column distance is token
+    distance. Memory grows as for a full layer; in exchange every layer is left-padded, merged and
+    trimmed the same way (`DecodeBatch`)."""
+    return DynamicCache()  # no config: layers are created lazily, all of them `DynamicLayer`
 
 
 def prefill_inputs(prompts: list[list[int]], pad_id: int, device: torch.device

@@ -38,7 +38,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's default when absent: 1.0
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what a torch.Generator accepts
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says

@@ -4,24 +4,30 @@
   `Authorization: Bearer <key>`, compared in constant time (`hmac.compare_digest`), else 401.
 - Adapter root: adapters load only from directories inside one root directory (default: the working
   directory the server starts in). A path is taken relative to the root; `..` components are refused
-  outright, and the path, its adapter_config.json and its safetensors file are resolved (symlinks
-  followed) and must all stay inside the root. Adapter names are short plain words, so a name can
-  never act as a path. Weights are read from safetensors only (`read_lora_adapter` refuses pickles).
-- Limits: generated tokens, prompt tokens, request body bytes and requests in flight are bounded;
-  going over one is a 400, 413 or 429 that says which limit and how to stay under it.
+  outright, and the path and every entry of the directory (adapter_config.json, the safetensors
+  file, the run's config.yaml ...) are resolved (symlinks followed) and must all stay inside the
+  root. Adapter names are short plain words, so a name can never act as a path. Weights are read
+  from safetensors only (`read_lora_adapter` refuses pickles).
+- Limits: generated tokens, prompt tokens, request body bytes, stop strings, requests in flight,
+  loaded adapters and KV-cache tokens are bounded; going over one is a 400, 409, 413 or 429 that says
+  which limit and how to stay under it.
+- Host header: on a loopback address the server answers only requests whose Host is localhost,
+  127.0.0.1 or [::1] (with its port) or a host allowed with --allow-host, so a web page whose domain
+  is rebound to 127.0.0.1 (DNS rebinding) cannot reach it from the user's browser.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 import re
 from dataclasses import dataclass, fields
+from collections.abc import Sequence
 from pathlib import Path
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from slimtune.adapters import CONFIG_NAME, WEIGHTS_NAME
 from slimtune.errors import ConfigError
 from slimtune.serve.errors import APIError, error_body
 
@@ -41,10 +47,16 @@ class ServeLimits:
     max_batch: int = 64  # sequences decoded together in one forward pass
     prefill_tokens: int = 4096  # prompt tokens prefilled together in one forward pass
     max_stop: int = 16  # stop strings per request
+    max_stop_chars: int = 256  # characters per stop string (each decode step checks them all)
+    max_adapters: int = 64  # adapters loaded at once; loading one more is refused (409)
+    # Tokens the decode batch's KV cache may hold: rows x (longest prompt + max_tokens of any row) stays under
+    # it. None: derived from the memory free when the server starts (`kvbudget.derive_kv_tokens`).
+    max_kv_tokens: int | None = None
 
     def __post_init__(self) -> None:
         bad = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-               if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 1]
+               if not (f.name == "max_kv_tokens" and getattr(self, f.name) is None)
+               and (not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 1)]
         if bad:
             raise ConfigError(f"server limits must be positive integers, got {', '.join(bad)}")
         if self.default_max_tokens > self.max_tokens:
@@ -66,30 +78,43 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _link_inside(link: Path, root: Path) -> bool:
+    try:
+        return _inside(link.resolve(), root)
+    except (OSError, RuntimeError):  # a loop of links leads nowhere usable
+        return False
+
+
 def confine_adapter_dir(root: Path, path_text: object) -> Path:
     """The resolved adapter directory `path_text` names inside `root` (itself resolved), or an APIError:
-    400 for a path that is absolute outside the root, uses '..', or leaves the root through a symlink;
-    404 for one that does not exist."""
+    400 for a path that is absolute outside the root, uses '..', or leaves the root through a symlink
+    (the directory itself or any entry in it: every file a load reads is one of those entries); 404 for
+    one that does not exist. Messages name paths as the client gave them, never the server's own."""
     if not isinstance(path_text, str) or not path_text or "\x00" in path_text:
-        raise APIError(400, f"lora_path {path_text!r} must be a non-empty path inside the adapter root '{root}'",
+        raise APIError(400, f"lora_path {path_text!r} must be a non-empty path inside the adapter root",
                        param="lora_path")
     given = Path(path_text)
     if ".." in given.parts:
-        raise APIError(400, f"lora_path {path_text!r} contains '..': give a directory inside the adapter root "
-                            f"'{root}', relative to it", param="lora_path")
-    path = (root / given).resolve()  # an absolute `given` replaces root here; the check below still applies
-    if not _inside(path, root):
-        raise APIError(400, f"lora_path {path_text!r} resolves to '{path}', outside the adapter root '{root}': "
-                            "adapters load only from inside it (start the server with --adapter-root to change it)",
+        raise APIError(400, f"lora_path {path_text!r} contains '..': give a directory inside the adapter root, "
+                            "relative to it", param="lora_path")
+    try:
+        path = (root / given).resolve()  # an absolute `given` replaces root here; the check below still applies
+        inside = _inside(path, root)
+        is_dir = inside and path.is_dir()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a name too long for the filesystem
+        raise APIError(400, f"lora_path {path_text!r} cannot be resolved to a directory", param="lora_path") from None
+    if not inside:
+        raise APIError(400, f"lora_path {path_text!r} resolves to a place outside the adapter root: adapters load "
+                            "only from inside it (start the server with --adapter-root to change it)",
                        param="lora_path")
-    if not path.is_dir():
-        raise APIError(404, f"lora_path {path_text!r}: no directory '{path}' inside the adapter root",
+    if not is_dir:
+        raise APIError(404, f"lora_path {path_text!r}: no directory of that name inside the adapter root",
                        param="lora_path", code="adapter_not_found")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        file = (path / name).resolve()
-        if (path / name).exists() and not _inside(file, root):
-            raise APIError(400, f"lora_path {path_text!r}: {name} is a link to '{file}', outside the adapter root "
-                                f"'{root}'", param="lora_path")
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_symlink() and not _link_inside(Path(entry.path), root):
+                raise APIError(400, f"lora_path {path_text!r}: {entry.name} is a link to a file outside the adapter "
+                                    "root: copy the file into the adapter directory instead", param="lora_path")
     return path
 
 
@@ -160,3 +185,31 @@ class BodyLimitMiddleware:
             return await receive()  # later calls wait for the disconnect, as the server's own receive does
 
         await self.app(scope, replay, send)
+
+
+LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def loopback_hosts(port: int, extra: Sequence[str] = ()) -> frozenset[str]:
+    """The Host header values a loopback server accepts: each loopback name and each of `extra`, bare or
+    with `:port` (a client on the default port may leave the port out)."""
+    names = [*LOOPBACK_HOST_NAMES, *(name.strip().lower() for name in extra)]
+    return frozenset(value for name in names for value in (name, f"{name}:{port}"))
+
+
+class HostCheckMiddleware:
+    """403 for a request whose Host header is not one of `allowed` (lower-case, with or without port)."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+        if host in self.allowed:
+            return await self.app(scope, receive, send)
+        await _send_error(scope, receive, send, 403, f"Host header {host!r} is not served here: this server on a "
+                          "loopback address answers only localhost, 127.0.0.1 and [::1] (start it with --allow-host "
+                          "NAME to add a name)", code="invalid_host")

@@ -25,7 +25,7 @@ from slimtune.serve.app import ServerState, create_app
 from slimtune.serve.engine import Engine
 from slimtune.serve.errors import APIError
 from slimtune.serve.registry import AdapterRegistry
-from slimtune.serve.security import ServeLimits, confine_adapter_dir
+from slimtune.serve.security import ServeLimits, confine_adapter_dir, loopback_hosts
 from slimtune.train.precision import resolve_device
 
 
@@ -66,9 +66,10 @@ def trained_on_nf4(adapters: dict[str, str], root: Path) -> bool:
 
 def build_app(model: str | None = None, adapters: dict[str, str] | None = None, adapter_root: str | Path | None = None,
               api_key: str | None = None, limits: ServeLimits | None = None, device: str = "auto",
-              quantize: str = "auto"):
+              quantize: str = "auto", allowed_hosts: frozenset[str] | None = None):
     """The FastAPI app serving `model` with `adapters` (name -> run directory inside `adapter_root`,
-    default: the working directory). The engine thread starts and stops with the app.
+    default: the working directory). The engine thread starts and stops with the app. With
+    `allowed_hosts`, requests with any other Host header are refused (403).
 
     `quantize`: 'nf4' freezes the base's linear layers in NF4 (the base QLoRA adapters were trained on),
     'none' keeps them as loaded, 'auto' picks nf4 when every startup adapter is a QLoRA run."""
@@ -87,19 +88,19 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
     base, tokenizer = load_base(base_name, quantized)
     base.to(resolve_device(device)).eval()
     adapter_set = AdapterSet(base)
-    registry = AdapterRegistry(adapter_set, root, base_name, quantized)
+    registry = AdapterRegistry(adapter_set, root, base_name, quantized, limits.max_adapters)
     for name, path_text in adapters.items():
         try:
             registry.load(name, path_text)
         except APIError as exc:
             raise AdapterError(f"--adapter {name}={path_text}: {exc.message}") from None
     try:
-        engine = Engine(base, tokenizer, adapter_set, limits.max_batch, limits.prefill_tokens)
+        engine = Engine(base, tokenizer, adapter_set, limits.max_batch, limits.prefill_tokens, limits.max_kv_tokens)
     except ValueError as exc:
         raise SlimtuneError(f"cannot serve '{base_name}': {exc}") from None
     context = int(getattr(base.config, "max_position_embeddings", 0) or limits.max_prompt_tokens + limits.max_tokens)
     state = ServerState(engine, registry, tokenizer, base_name, limits, context)
-    return create_app(state, api_key)
+    return create_app(state, api_key, allowed_hosts)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -129,13 +130,18 @@ def _is_loopback(host: str) -> bool:
 
 def serve(model: str | None = None, adapters: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, adapter_root: str | Path | None = None, limits: ServeLimits | None = None,
-          device: str = "auto", console: Console | None = None, quantize: str = "auto") -> None:
-    """Serve until Ctrl-C or SIGTERM, which finish the open responses (up to 30 s) and return."""
+          device: str = "auto", console: Console | None = None, quantize: str = "auto",
+          allow_hosts: tuple[str, ...] = ()) -> None:
+    """Serve until Ctrl-C or SIGTERM, which finish the open responses (up to 30 s) and return.
+
+    On a loopback address only requests whose Host header names localhost, 127.0.0.1, [::1] or one of
+    `allow_hosts` are answered (no DNS rebinding from a web page in the user's browser)."""
     import uvicorn
 
     console = console or Console(stderr=True)
     sock = bind(host, port)  # before loading the model: a taken port fails in a second, not after the load
-    app = build_app(model, adapters, adapter_root, api_key, limits, device, quantize)
+    allowed = loopback_hosts(sock.getsockname()[1], allow_hosts) if _is_loopback(host) else None
+    app = build_app(model, adapters, adapter_root, api_key, limits, device, quantize, allowed)
     state: ServerState = app.state.server
     listen = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}/v1"
     offered = ", ".join([state.base_name, *state.registry.paths])
