@@ -27,12 +27,22 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML config file, e.g. examples/extract.yaml.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="KEY=VALUE overrides that win over the file, e.g. train.lr=1e-4 lora.r=8.")] = None,
+    nproc: Annotated[int, typer.Option(
+        min=1, help="Train with this many processes on this machine (starts torchrun; one per GPU, or a share "
+                    "of the CPU cores each).")] = 1,
 ) -> None:
     """Fine-tune a model: data -> adapter files, metrics.jsonl, loss.png, eval.json in `output`.
 
     SIGTERM or Ctrl-C finishes the current step, saves a checkpoint and exits 0; `resume=true`
-    continues from the newest complete checkpoint.
+    continues from the newest complete checkpoint. Several processes: --nproc N, or
+    `torchrun --nproc_per_node=N -m slimtune train CONFIG` (also across machines with --nnodes).
     """
+    from slimtune.train.distributed import launched_world_size
+
+    if nproc > 1 and launched_world_size() == 1:
+        from slimtune.launch import launch
+
+        raise typer.Exit(launch(nproc, [str(config), *(overrides or [])]))
     from slimtune.api import finetune
     from slimtune.config import load_config
     from slimtune.train.loop import TrainingInterrupted
@@ -41,6 +51,8 @@ def train(
         finetune(load_config(config, overrides or []), console)
     except TrainingInterrupted as stopped:
         # A requested stop is not an error: the checkpoint is complete and the run can continue.
+        if not _prints_errors(None):
+            raise typer.Exit(0) from None
         args = " ".join([str(config), *(o for o in overrides or [] if not o.startswith("resume="))])
         console.print(f"{escape(str(stopped))}\nresume with: slimtune train {escape(args)} resume=true",
                       highlight=False, soft_wrap=True)
@@ -188,6 +200,14 @@ def serve(
     run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize)
 
 
+def _prints_errors(exc: SlimtuneError | None) -> bool:
+    """Under torchrun only process 0 reports (a problem found by the check stage is found by all), except
+    that every process reports a failed peer: the one that failed may be process 0."""
+    from slimtune.train.distributed import PeerFailure, launched_rank
+
+    return launched_rank() == 0 or isinstance(exc, PeerFailure)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 2."""
     try:
@@ -195,6 +215,8 @@ def main() -> None:
         # Ctrl-C; catching click's classes here breaks with typer >= 0.22, which vendors its own click.
         app()
     except SlimtuneError as exc:
+        if not _prints_errors(exc):
+            sys.exit(2)
         # Escaped: messages hold brackets ('[q_proj, v_proj]') that are not markup. soft_wrap: no line
         # breaks inside paths when stderr is not a terminal.
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
