@@ -6,6 +6,7 @@ User errors (`SlimtuneError`) print one clear message and exit with status 2, ne
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -205,6 +206,8 @@ def _prints_errors(exc: SlimtuneError | None) -> bool:
     that every process reports a failed peer: the one that failed may be process 0."""
     from slimtune.train.distributed import PeerFailure, launched_rank
 
+    if getattr(exc, "reported", False):
+        return False
     return launched_rank() == 0 or isinstance(exc, PeerFailure)
 
 
@@ -216,6 +219,8 @@ def main() -> None:
         app()
     except SlimtuneError as exc:
         if not _prints_errors(exc):
+            # torchrun stops every process once one exits: leave process 0 time to print the report.
+            time.sleep(2)
             sys.exit(2)
         # Escaped: messages hold brackets ('[q_proj, v_proj]') that are not markup. soft_wrap: no line
         # breaks inside paths when stderr is not a terminal.

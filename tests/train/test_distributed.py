@@ -154,3 +154,26 @@ def test_sigterm_stops_both_processes_once_and_the_run_resumes(tmp_path, tiny_mo
     two, one = _losses(tmp_path / "run"), _losses(tmp_path / "one")
     assert len(two) == len(one) == steps
     assert max(abs(a - b) for a, b in zip(two, one)) <= LOSS_TOLERANCE, [(a, b) for a, b in zip(two, one) if a != b][:5]
+
+
+def test_check_stage_problems_are_reported_once(tmp_path, tiny_model_dir):
+    """Both processes find the problem (AdaLoRA cannot be sharded); only process 0 reports it, exit 2."""
+    data = write_repeat_data(tmp_path / "train.jsonl", 4)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_config(tiny_model_dir, data, tmp_path / "run", "adalora", 2, distributed="fsdp")))
+    job = _torchrun("-m", "slimtune", "train", str(path))
+    assert job.returncode != 0 and "exitcode  : 2" in job.stderr, job.stderr[-2000:]
+    assert job.stderr.count("fsdp cannot shard this method") == 1, job.stderr[-3000:]
+    assert str(Path(slimtune.__file__).parent) not in job.stderr, "no traceback through slimtune's code"
+    assert not (tmp_path / "run").exists(), "nothing is written when the check stage fails"
+
+
+def test_a_failed_collective_becomes_one_clear_error():
+    """gloo reports a vanished peer as a RuntimeError naming its transport: it becomes a PeerFailure."""
+    from slimtune.train.distributed import PeerFailure, peer_failures
+
+    with pytest.raises(PeerFailure, match="process 1: another process of this run stopped"):
+        with peer_failures(1):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    with pytest.raises(RuntimeError, match="unrelated"), peer_failures(0):
+        raise RuntimeError("unrelated")

@@ -24,6 +24,8 @@ on every rank and written by rank 0, so a run resumes with any number of process
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -102,8 +104,12 @@ def wrap_ddp(module: ResponseLoss, device: torch.device) -> nn.Module:
     ignored = [name for name, p in module.named_parameters() if not p.requires_grad]
     ignored += [name for name, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    with warnings.catch_warnings():
+        # broadcast_buffers is deprecated, but its successor still syncs buffers at init, which is what
+        # this avoids (an NF4 base lives in buffers); torch's own warning says to keep it until then.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -240,14 +246,24 @@ class PeerFailure(SlimtuneError):
 
 @contextmanager
 def peer_failures(rank: int) -> Iterator[None]:
-    """Turn a failed collective (a peer that exited, or the timeout) into one clear error per process."""
+    """Turn a failed collective (a peer that exited, or the timeout) into one clear error per process.
+
+    The line is printed here, at once: torchrun sends SIGTERM to the surviving processes as soon as it
+    sees one die, and used inside the loop (where SIGTERM only sets a flag) this is the last moment the
+    process is sure to live long enough to say why it stops."""
     import torch.distributed as dist
 
     try:
         yield
-    except dist.DistError as exc:
+    except RuntimeError as exc:
+        # gloo reports a lost peer as a plain RuntimeError naming its transport; nccl and timeouts as DistError.
+        if not isinstance(exc, dist.DistError) and not any(mark in str(exc) for mark in ("gloo", "NCCL", "nccl")):
+            raise
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise PeerFailure(
+        failure = PeerFailure(
             f"process {rank}: another process of this run stopped or stopped answering ({first}); this process "
             "stops too. Continue from the newest checkpoint with resume=true"
-        ) from None
+        )
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        failure.reported = True
+        raise failure from None

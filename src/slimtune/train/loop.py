@@ -30,6 +30,7 @@ from slimtune.config import TrainSettings
 from slimtune.data import Dataset, Encoded, pad_batch
 from slimtune.methods.base import AttachedMethod
 from slimtune.errors import OutputWriteError, SlimtuneError
+from slimtune.train.distributed import peer_failures
 from slimtune.train.checkpoint import (
     Checkpoint, load_method_state, optimizer_tensors, restore_checkpoint, rng_state, save_checkpoint,
 )
@@ -259,7 +260,9 @@ def run_training(
             ) from None
 
     reporter = Reporter(settings, steps, first_step, metrics_path, console, runtime, config_snapshot)
-    with reporter, stop_requests() as stop:
+    # Failed collectives are reported inside the block, while SIGTERM (torchrun's reaction to a dead
+    # process) only sets the stop flag.
+    with reporter, stop_requests() as stop, peer_failures(runtime.rank):
         for step in range(first_step, steps + 1):
             micro = [next(batches) for _ in range(settings.grad_accum)]  # global micro-batches
             prepared = []
