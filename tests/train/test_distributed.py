@@ -42,7 +42,8 @@ METHODS = {
 }
 RUNS = {  # name -> (method, train.distributed)
     "ddp-lora": ("lora", "ddp"), "ddp-qlora": ("qlora", "ddp"), "ddp-adalora": ("adalora", "ddp"),
-    "ddp-full": ("full", "ddp"), "fsdp-lora": ("lora", "fsdp"), "fsdp-full": ("full", "fsdp"),
+    "ddp-full": ("full", "ddp"), "fsdp-lora": ("lora", "fsdp"), "fsdp-qlora": ("qlora", "fsdp"),
+    "fsdp-full": ("full", "fsdp"),
 }
 WEIGHTS = {"full": "model.safetensors"}
 
