@@ -126,7 +126,7 @@ def test_sigterm_stops_both_processes_once_and_the_run_resumes(tmp_path, tiny_mo
     """`slimtune train --nproc 2`, SIGTERM to the launcher mid-way: both processes stop after the same step,
     one checkpoint, exit 0; resumed with two processes, the losses are those of an uninterrupted run."""
     data = write_repeat_data(tmp_path / "train.jsonl", 10)
-    steps = 120
+    steps = 60
     config = _config(tiny_model_dir, data, tmp_path / "run", "lora", 2, max_steps=steps, lr=1e-3)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
