@@ -49,8 +49,8 @@ def launched_rank() -> int:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank `rank`'s random draws (dropout) after the model is built: different per rank,
-    reproducible, and `seed` itself for rank 0 of one process."""
+    """The seed of rank `rank`'s random draws (dropout) after the model is built under torchrun:
+    different per rank and reproducible (a one-process run does not reseed)."""
     return seed + 1_000_003 * rank
 
 
