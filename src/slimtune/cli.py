@@ -6,6 +6,7 @@ User errors (`SlimtuneError`) print one clear message and exit with status 2, ne
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -55,12 +56,22 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML config file, e.g. examples/extract.yaml.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="KEY=VALUE overrides that win over the file, e.g. train.lr=1e-4 lora.r=8.")] = None,
+    nproc: Annotated[int, typer.Option(
+        min=1, help="Train with this many processes on this machine (starts torchrun; one per GPU, or a share "
+                    "of the CPU cores each).")] = 1,
 ) -> None:
     """Fine-tune a model: data -> adapter files, metrics.jsonl, loss.png, eval.json in `output`.
 
     SIGTERM or Ctrl-C finishes the current step, saves a checkpoint and exits 0; `resume=true`
-    continues from the newest complete checkpoint.
+    continues from the newest complete checkpoint. Several processes: --nproc N, or
+    `torchrun --nproc_per_node=N -m slimtune train CONFIG` (also across machines with --nnodes).
     """
+    from slimtune.train.distributed import launched_world_size
+
+    if nproc > 1 and launched_world_size() == 1:
+        from slimtune.launch import launch
+
+        raise typer.Exit(launch(nproc, [str(config), *(overrides or [])]))
     from slimtune.api import finetune
     from slimtune.config import load_config
     from slimtune.train.signals import StopRequested
@@ -69,6 +80,8 @@ def train(
         finetune(load_config(config, overrides or []), console)
     except StopRequested as stopped:
         # A requested stop is not an error: any checkpoint is complete and the run can continue.
+        if not _prints_errors(None):
+            raise typer.Exit(0) from None
         args = " ".join([str(config), *(o for o in overrides or [] if not o.startswith("resume="))])
         again = f"resume with: slimtune train {args} resume=true" if stopped.resumable else \
             f"start again with: slimtune train {args}"
@@ -238,6 +251,16 @@ def serve(
                tuple(allow_host or ()))
 
 
+def _prints_errors(exc: SlimtuneError | None) -> bool:
+    """Under torchrun only process 0 reports (a problem found by the check stage is found by all), except
+    that every process reports a failed peer: the one that failed may be process 0."""
+    from slimtune.train.distributed import PeerFailure, launched_rank
+
+    if getattr(exc, "reported", False):
+        return False
+    return launched_rank() == 0 or isinstance(exc, PeerFailure)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 2."""
     try:
@@ -245,6 +268,10 @@ def main() -> None:
         # Ctrl-C; catching click's classes here breaks with typer >= 0.22, which vendors its own click.
         app()
     except SlimtuneError as exc:
+        if not _prints_errors(exc):
+            # torchrun stops every process once one exits: leave process 0 time to print the report.
+            time.sleep(2)
+            sys.exit(2)
         # Escaped: messages hold brackets ('[q_proj, v_proj]') that are not markup. soft_wrap: no line
         # breaks inside paths when stderr is not a terminal.
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -88,6 +88,13 @@ class TrainSettings(_Section):
         "variables choose offline modes).")
     on_nan: Literal["stop", "skip"] = Field(
         "stop", description="Non-finite loss or gradients: stop with a diagnostic, or skip the step.")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="Under torchrun (several processes): ddp keeps the whole model on every process; fsdp "
+        "shards parameters, gradients and optimizer moments over processes (FSDP2, per decoder layer); auto: ddp "
+        "when the model fits each device, else fsdp. train.batch_size is per process.")
+    distributed_timeout_s: float = Field(
+        900, gt=0, description="Under torchrun: how long a process waits for the others in a collective before the "
+        "run stops with an error (a process that died or hangs).")
 
 
 class EvalSettings(_Section):

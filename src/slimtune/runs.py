@@ -32,7 +32,9 @@ EVAL_REPORT, EVAL_METRICS = "eval_report.md", "eval_metrics.json"
 COMMON_FILES = (RUN_CONFIG, "metrics.jsonl", "loss.png", "eval.json", EVAL_REPORT, EVAL_METRICS)
 # Config keys whose change does not make a checkpoint meaningless to continue from.
 _RESUME_INSENSITIVE = {"resume", "overwrite", "output", "eval", "train.log_every", "train.save_every",
-                       "train.keep_checkpoints", "train.on_nan", "train.device", "train.report_to", "data.eval"}
+                       "train.keep_checkpoints", "train.on_nan", "train.device", "train.report_to", "data.eval",
+                       "train.distributed", "train.distributed_timeout_s",
+                       "train.batch_size"}  # per process: the global batch is checked in resume_point
 
 
 # -- checks before training: nothing is touched --------------------------------------------------------
@@ -97,12 +99,29 @@ def resume_point(cfg: Config) -> Checkpoint:
         if saved.get(key) != current.get(key)
         and key not in _RESUME_INSENSITIVE and key.split(".")[0] not in _RESUME_INSENSITIVE
     ]
+    changed += _global_batch_change(checkpoint, cfg)
     if changed:
         raise SlimtuneError(
             f"cannot resume from {checkpoint.path}: the config differs where it matters ({'; '.join(changed)}); "
             "restore those values, or start a new run in another output directory"
         )
     return checkpoint
+
+
+def _global_batch_change(checkpoint: Checkpoint, cfg: Config) -> list[str]:
+    """The examples per micro-batch (train.batch_size x processes) must stay the same on resume, so that
+    the steps continue on the same data; the number of processes may change with it."""
+    from slimtune.train.distributed import launched_world_size
+
+    saved_batch = checkpoint.state.get("config", {}).get("train", {}).get("batch_size")
+    saved_processes = checkpoint.state.get("progress", {}).get("processes", 1)
+    processes = launched_world_size()
+    if saved_batch is None or saved_batch * saved_processes == cfg.train.batch_size * processes:
+        return []
+    total = saved_batch * saved_processes
+    hint = (f", e.g. train.batch_size={total // processes}" if total % processes == 0 else "")
+    return [f"train.batch_size x processes: {saved_batch} x {saved_processes} -> {cfg.train.batch_size} x {processes} "
+            f"(keep {total} examples per micro-batch{hint})"]
 
 
 def prepare_output(cfg: Config) -> Path:

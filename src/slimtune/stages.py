@@ -46,7 +46,8 @@ from slimtune.train.loop import TrainSummary, run_training, seed_everything, tot
 from slimtune.train.metrics import plot_loss
 from slimtune.train.precision import resolve_device, resolve_precision, weight_dtype
 from slimtune.train.prepare import slimtune_attention, training_mode
-from slimtune.train.runtime import Runtime
+from slimtune.train.distributed import launched_world_size, peer_failures, rank_seed, resolve_mode, start_processes, stop_processes
+from slimtune.train.runtime import ProcessGroupRuntime, Runtime
 from slimtune.train.signals import StopRequested, requested_stop, stop_point, stop_requests
 from slimtune.train.trackers import tracker_problems
 
@@ -83,6 +84,7 @@ class CheckedRun:
     device: torch.device
     resume_from: Checkpoint | None
     skeleton: torch.nn.Module  # the model on the meta device with the method attached (for planning)
+    distributed: str = "single"  # single | ddp | fsdp (train.distributed resolved for this many processes)
 
 
 @dataclass
@@ -136,7 +138,9 @@ def check_run(cfg: Config, console: Console | None = None) -> CheckedRun:
         else:
             problems += method.check(cfg, skeleton, steps if steps is not None else cfg.train.max_steps or 1,
                                      Console(quiet=True))
-    problems += output_problems(cfg)
+    mode, more = resolve_mode(cfg.train.distributed, method.shards_with_fsdp, cfg.train.optimizer, skeleton,
+                              cfg.quantized, cfg.train.device, launched_world_size())
+    problems += more + output_problems(cfg)
     resume_from = None
     if cfg.resume and not finished_weights(cfg.output):  # a finished run is output_problems' to report
         try:
@@ -149,7 +153,7 @@ def check_run(cfg: Config, console: Console | None = None) -> CheckedRun:
     console.print(f"checked config, data, targets and output in {time.perf_counter() - started:.1f} s",
                   highlight=False)
     return CheckedRun(cfg, method, tokenizer, train_set, eval_set, steps, resolve_device(cfg.train.device),
-                      resume_from, skeleton)
+                      resume_from, skeleton, mode)
 
 
 # -- build ---------------------------------------------------------------------------------------------
@@ -169,10 +173,16 @@ def _tune_heap(settings: TrainSettings, device: torch.device, console: Console) 
         set_mmap_threshold(int(settings.mmap_threshold_mb * 2**20))
 
 
-def build_run(checked: CheckedRun, console: Console, stack: ExitStack) -> BuiltRun:
-    """The build stage. Model preparation registered on `stack` is undone when the run ends, however."""
+def build_run(checked: CheckedRun, console: Console, stack: ExitStack, runtime: Runtime | None = None) -> BuiltRun:
+    """The build stage. Model preparation registered on `stack` is undone when the run ends, however.
+
+    With several processes (`runtime`), every process builds the same model from the same seed; the
+    loop wraps it in DDP or FSDP2. Each process then reseeds by its rank, so dropout draws differ."""
     cfg, device = checked.cfg, checked.device
-    prepare_output(cfg)
+    runtime = runtime or Runtime(device)
+    if runtime.is_main:
+        prepare_output(cfg)
+    runtime.barrier()  # the others start once process 0 has prepared the output
     seed_everything(cfg.train.seed)
     _tune_heap(cfg.train, device, console)
     precision = resolve_precision(cfg.train.precision, device)
@@ -191,7 +201,9 @@ def build_run(checked: CheckedRun, console: Console, stack: ExitStack) -> BuiltR
         fuse_modules(model)
     seed_everything(cfg.train.seed)  # the method's initialisation draws from the seed alone
     attached = checked.method.attach(model, cfg, console)
-    return BuiltRun(checked, model, attached, base_model, precision, packing, Runtime(device))
+    if runtime.world_size > 1:
+        seed_everything(rank_seed(cfg.train.seed, runtime.rank))
+    return BuiltRun(checked, model, attached, base_model, precision, packing, runtime)
 
 
 # -- finish --------------------------------------------------------------------------------------------
@@ -217,6 +229,10 @@ def finish_run(built: BuiltRun, summary: TrainSummary, console: Console) -> Trai
     A signal during evaluation stops it (the final checkpoint holds everything; resume=true finishes the
     run); one during the writes lets them complete. A failed write is one line naming the fix."""
     checked, cfg, out = built.checked, built.checked.cfg, built.checked.cfg.output
+    built.runtime.unshard()  # FSDP2: every process gathers the whole model; from here on process 0 works alone
+    if not built.runtime.is_main:
+        return TrainResult(out, summary.steps, summary.examples, summary.tokens, summary.seconds, built.precision,
+                           built.packing)
     base_metrics: dict[str, float] = {}
     tuned_metrics: dict[str, float] = {}
     report: dict[str, Any] = {"model": cfg.model, "steps": summary.steps, "train_tokens_per_s": summary.tokens_per_s}
@@ -245,6 +261,43 @@ def finish_run(built: BuiltRun, summary: TrainSummary, console: Console) -> Trai
                        built.packing, base_metrics, tuned_metrics)
 
 
+def _join_processes(cfg: Config, console: Console, stack: ExitStack
+                    ) -> tuple[ProcessGroupRuntime | None, Console]:
+    """Under torchrun: join the process group (left when the run ends); only process 0 prints."""
+    if launched_world_size() == 1:
+        return None, console
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # a caller that formed the group keeps it
+        start_processes(cfg.train.device, cfg.train.distributed_timeout_s)
+        stack.callback(stop_processes)
+    runtime = ProcessGroupRuntime(torch.device("cpu"))  # device and mode are set after the check stage
+    return runtime, console if runtime.is_main else Console(quiet=True)
+
+
+def _check_everywhere(cfg: Config, console: Console, runtime: ProcessGroupRuntime | None) -> CheckedRun:
+    """The check stage in every process; if any finds a problem, all stop (process 0 reports its own)."""
+    if runtime is None:
+        return check_run(cfg, console)
+    failure: ConfigError | None = None
+    try:
+        checked = check_run(cfg, console)
+        checked.device = _process_device(checked.device)
+    except ConfigError as exc:
+        failure = exc
+    if runtime.any(failure is not None):
+        raise failure or ConfigError("another process of this run found problems before loading any weights "
+                                     "(process 0 lists them)")
+    return checked
+
+
+def _process_device(device: torch.device) -> torch.device:
+    """This process's own GPU under torchrun (cuda:LOCAL_RANK); the CPU as it is."""
+    import os
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if device.type == "cuda" else device
+
+
 def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with `cfg.method` on `cfg.data`; writes the run directory `cfg.output`.
 
@@ -253,10 +306,16 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
     anywhere stop the run at the next safe point with `StopRequested` (see train/signals.py)."""
     console = console or Console(stderr=True)
     with stop_requests(), ExitStack() as stack:
-        checked = check_run(cfg, console)
+        runtime, console = _join_processes(cfg, console, stack)
+        stack.enter_context(peer_failures(runtime.rank if runtime else 0))
+        checked = _check_everywhere(cfg, console, runtime)
+        if runtime is not None:
+            runtime.device, runtime.mode = checked.device, checked.distributed
+            console.print(f"{runtime.world_size} processes ({checked.distributed}); train.batch_size "
+                          f"{cfg.train.batch_size} per process, {cfg.train.batch_size * runtime.world_size} per micro-batch")
         again = ("resume=true continues from the checkpoint" if cfg.resume else "nothing was trained or written")
         stop_point("before loading the model", cfg.resume, again)
-        built = build_run(checked, console, stack)
+        built = build_run(checked, console, stack, runtime)
         stop_point("after loading the model, before training", cfg.resume, again)
         train_set, eval_set = checked.train_set, checked.eval_set
         console.print(
@@ -268,8 +327,9 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
             console.print(f"resuming from {escape(str(checked.resume_from.path))} (step {checked.resume_from.step})")
         trainable, total = built.attached.parameter_counts()
         console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-        with reported_write_failures(f"the run config to '{cfg.output / RUN_CONFIG}'", "run the same command again"):
-            (cfg.output / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
+        if built.runtime.is_main:
+            with reported_write_failures(f"the run config to '{cfg.output / RUN_CONFIG}'", "run the same command again"):
+                (cfg.output / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
         with training_mode(built.model, cfg.train, console):
             summary = run_training(
                 built.model, built.attached, train_set, cfg.train, checked.tokenizer.pad_token_id,

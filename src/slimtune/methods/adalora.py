@@ -357,6 +357,9 @@ class AdaLoRA(Method):
                    "lora.rank_pattern": "adalora.init_r / adalora.target_r (ranks are allocated by importance)",
                    "lora.use_dora": "method: dora", "lora.rslora": "method: lora with lora.rslora"}
     accepts_quantized_base = True
+    # Triplet importance averages whole rows and columns of P and Q and ranks every layer's triplets
+    # together; on FSDP shards each process would see a part and choose different masks. DDP only.
+    shards_with_fsdp = False
     run_files = (CONFIG_NAME, WEIGHTS_NAME, RANK_HEATMAP, BUDGET_PLOT)
     weights_files = (WEIGHTS_NAME,)
 

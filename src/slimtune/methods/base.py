@@ -95,6 +95,7 @@ class Method:
     quantized_base: ClassVar[bool] = False        # the base is frozen in NF4 (QLoRA)
     accepts_quantized_base: ClassVar[bool] = False  # `quantize: nf4` may be combined with it
     trains_base_weights: ClassVar[bool] = False
+    shards_with_fsdp: ClassVar[bool] = True      # train.distributed=fsdp may shard its parameters
     run_files: ClassVar[tuple[str, ...]] = ()     # every file a finished run holds (cleared by overwrite)
     weights_files: ClassVar[tuple[str, ...]] = ()  # written last: their presence marks a finished run
 

@@ -5,6 +5,11 @@ sum-CE / N for each (so every response token weighs the same however the tokens 
 micro-batches), add the method's extra loss if it has one (logged separately), clip the global
 gradient norm, step AdamW and the schedule, then call the method's `on_step_end` hook (before the
 gradients are cleared).
+
+With W processes (`Runtime`), a micro-batch of batch_size examples per process is one share of a
+global micro-batch of W x batch_size examples, drawn in the order one process with that batch size
+would see (process r takes the r-th share), and N is summed over processes: W processes with batch b
+take the same steps as one process with batch W x b.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from slimtune.data import Dataset, Encoded, pad_batch
 from slimtune.methods.base import AttachedMethod
 from slimtune.atomic import reported_write_failures
 from slimtune.errors import SlimtuneError
-from slimtune.train.checkpoint import Checkpoint, load_method_state, restore_checkpoint, save_checkpoint
-from slimtune.train.loss import response_loss_sum
+from slimtune.train.distributed import peer_failures
+from slimtune.train.checkpoint import (
+    Checkpoint, load_method_state, optimizer_tensors, restore_checkpoint, rng_state, save_checkpoint,
+)
 from slimtune.train.heap import release_free_memory
 from slimtune.train.reporter import Reporter
 from slimtune.train.runtime import Runtime
@@ -92,6 +99,15 @@ def micro_batches(dataset: Dataset, batch_size: int, seed: int, group_by_length:
         epoch += 1
 
 
+def process_share(chunk: list[Encoded], rank: int, batch_size: int) -> tuple[list[Encoded], float]:
+    """Process `rank`'s examples of a global micro-batch, and the weight of its loss.
+
+    The last micro-batch of an epoch can leave a process without examples; it then runs the chunk's
+    first example with weight 0, so every process takes part in the gradient reduction."""
+    share = chunk[rank * batch_size: (rank + 1) * batch_size]
+    return (share, 1.0) if share else (chunk[:1], 0.0)
+
+
 def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device: torch.device,
                pad_multiple: int = 1, max_width: int | None = None) -> dict:
     """A packed (one row, no padding) or padded micro-batch on `device`; see `pad_batch` for the widths."""
@@ -133,35 +149,37 @@ class StepResult:
     finite: bool
 
 
-def train_step(model: torch.nn.Module, method: AttachedMethod, batches: list[dict], params: list[torch.nn.Parameter],
+def train_step(module: torch.nn.Module, method: AttachedMethod, batches: list[dict], params: list[torch.nn.Parameter],
                settings: TrainSettings, precision: str, device: torch.device, runtime: Runtime) -> StepResult:
     """Forward and backward over one step's micro-batches, gradients averaged over processes and clipped.
 
-    Each micro-batch backpropagates sum-CE / N with N the labelled tokens of the whole step summed over
-    every process, so each response token weighs the same however tokens fall into micro-batches and
+    `module` is `runtime.wrap(model, ...)`: forward(batch) -> (sum-CE, count). Each micro-batch
+    backpropagates weight x sum-CE / N with N the labelled tokens of the whole step summed over every
+    process, so each response token weighs the same however tokens fall into micro-batches and
     processes; the method's extra loss is added per micro-batch (divided by their number) and reported
-    on its own."""
-    label_tokens = runtime.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
-    # Gradients are averaged over processes below; dividing by N / world size makes that average the sum.
+    on its own. Gradients are reduced once, with the last micro-batch."""
+    label_tokens = runtime.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches if b["weight"]))
+    # DDP / FSDP average gradients over processes; dividing by N / world size makes that average the sum.
     per_process = max(label_tokens, 1) / runtime.world_size
     step_loss = extra_total = 0.0
-    for batch in batches:
-        with autocast(precision, device):
-            loss_sum, _ = response_loss_sum(model, batch, settings.loss_chunk)
-        loss = loss_sum / per_process
-        extra = method.extra_loss()
-        if extra is not None:
-            extra = extra / len(batches)
-            extra_total += float(extra.detach())
-            loss = loss + extra
-        loss.backward()
+    for index, batch in enumerate(batches):
+        with runtime.gradient_sync(module, sync=index == len(batches) - 1):
+            with autocast(precision, device):
+                loss_sum, _ = module(batch)
+            loss_sum = loss_sum * batch["weight"]
+            loss = loss_sum / per_process
+            extra = method.extra_loss()
+            if extra is not None:
+                extra = extra / len(batches)
+                extra_total += float(extra.detach())
+                loss = loss + extra
+            loss.backward()
         step_loss += float(loss_sum.detach())
-    runtime.average_gradients(params)
     step_loss = runtime.sum(step_loss) / max(label_tokens, 1)
     if settings.max_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+        grad_norm = float(runtime.full_tensor(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)))
     else:
-        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        grad_norm = float(runtime.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
     # isfinite, not a threshold: a NaN compares false with everything and would slip through.
     return StepResult(step_loss, extra_total, grad_norm, math.isfinite(step_loss) and math.isfinite(grad_norm))
 
@@ -191,6 +209,7 @@ def run_training(
     """
     console = console or Console(stderr=True)
     runtime = runtime or Runtime(device)
+    module = runtime.wrap(model, settings.loss_chunk)  # DDP / FSDP2 with several processes: before the optimizer
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = method.trainable_parameters()
     if not params:
@@ -202,11 +221,13 @@ def run_training(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, steps, warmup, settings.schedule)
     )
-    batches = micro_batches(dataset, settings.batch_size, settings.seed, settings.group_by_length and not packing)
+    # The global order: what one process with batch W x batch_size would see; each process takes its share.
+    batches = micro_batches(dataset, settings.batch_size * runtime.world_size, settings.seed,
+                            settings.group_by_length and not packing)
     longest = max(len(example.input_ids) for example in dataset.examples)  # never pad wider than the data
     first_step, tokens_seen, examples_seen, skipped, previous_elapsed = 1, 0, 0, 0, 0.0
     if resume_from is not None:
-        progress_state = restore_checkpoint(resume_from, named, optimizer, scheduler)
+        progress_state = restore_checkpoint(resume_from, named, optimizer, scheduler, runtime.shard_like, runtime.rank)
         method.load_state_tensors(load_method_state(resume_from))
         first_step = resume_from.step + 1
         tokens_seen, examples_seen = progress_state["tokens"], progress_state["examples"]
@@ -217,26 +238,38 @@ def run_training(
     started = time.perf_counter()
 
     def checkpoint(step: int) -> Path | None:
-        if checkpoint_dir is None or not runtime.is_main:
+        if checkpoint_dir is None:
+            return None
+        # Every process takes part: sharded tensors are gathered whole, and each one's RNG state is kept.
+        whole = {name: runtime.full_tensor(p) for name, p in named.items()}
+        optimizer_state = optimizer_tensors(optimizer, runtime.full_tensor)
+        rngs = runtime.gather(rng_state())
+        if not runtime.is_main:
             return None
         progress_state = {"tokens": tokens_seen, "examples": examples_seen, "skipped": skipped,
-                          "micro_batches": step * settings.grad_accum,
+                          "micro_batches": step * settings.grad_accum, "processes": runtime.world_size,
                           "elapsed_s": previous_elapsed + time.perf_counter() - started}
         with reported_write_failures(f"a checkpoint to {checkpoint_dir} at step {step}",
                                      "rerun with resume=true (the previous checkpoint is intact)"):
-            return save_checkpoint(checkpoint_dir, step, named, optimizer, scheduler, progress_state,
-                                   config_snapshot or {}, settings.keep_checkpoints, method.state_tensors())
+            return save_checkpoint(checkpoint_dir, step, whole, optimizer, scheduler, progress_state,
+                                   config_snapshot or {}, settings.keep_checkpoints, method.state_tensors(),
+                                   optimizer_state, rngs[1:])
 
     with reported_write_failures(f"{metrics_path}", "rerun with resume=true (the newest checkpoint is intact), "
                                  "or without it if the run has none"):
         reporter = Reporter(settings, steps, first_step, metrics_path, console, runtime, config_snapshot)
-    with reporter, stop_requests() as stop:
+    # Failed collectives are reported inside the block, while SIGTERM (torchrun's reaction to a dead
+    # process) only sets the stop flag.
+    with reporter, stop_requests() as stop, peer_failures(runtime.rank):
         for step in range(first_step, steps + 1):
-            micro = [next(batches) for _ in range(settings.grad_accum)]
-            prepared = [make_batch(chunk, packing, pad_token_id, device, settings.pad_to_multiple_of, longest)
-                        for chunk, _ in micro]
+            micro = [next(batches) for _ in range(settings.grad_accum)]  # global micro-batches
+            prepared = []
+            for chunk, _ in micro:
+                share, weight = process_share(chunk, runtime.rank, settings.batch_size)
+                batch = make_batch(share, packing, pad_token_id, device, settings.pad_to_multiple_of, longest)
+                prepared.append({**batch, "weight": weight})
             lr = optimizer.param_groups[0]["lr"]
-            result = train_step(model, method, prepared, params, settings, precision, device, runtime)
+            result = train_step(module, method, prepared, params, settings, precision, device, runtime)
             tokens_seen += sum(len(example.input_ids) for chunk, _ in micro for example in chunk)
             examples_seen += sum(len(chunk) for chunk, _ in micro)
             if result.finite:

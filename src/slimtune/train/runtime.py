@@ -1,17 +1,23 @@
 """Where the training loop runs: device, rank, world size, and the few collectives it needs.
 
 The loop, checkpoints and saving take a `Runtime` and never call `torch.distributed` themselves, so
-several processes plug in here. `Runtime` is one process: every collective is the identity.
-`ProcessGroupRuntime` is the same interface over an initialised `torch.distributed` process group
-(gloo on CPU, nccl on CUDA), for the launcher that starts several processes.
+several processes plug in here. `Runtime` is one process: every collective is the identity and the
+model is called as it is. `ProcessGroupRuntime` is the same interface over an initialised
+`torch.distributed` process group (gloo on CPU, nccl on CUDA), with the model wrapped in DDP or FSDP2
+(`train/distributed.py`); torchrun starts its processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
+
+from slimtune.train import distributed
 
 
 @dataclass
@@ -21,6 +27,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    mode: str = "single"  # single | ddp | fsdp
 
     @property
     def is_main(self) -> bool:
@@ -35,22 +42,44 @@ class Runtime:
         """True if `flag` is true in any process (agree on stopping after a signal)."""
         return flag
 
-    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Make every process's gradients the mean over processes (a no-op for one process)."""
+    def gather(self, value: Any) -> list[Any]:
+        """`value` of every process, in rank order, on every process (small picklable objects only)."""
+        return [value]
 
     def barrier(self) -> None:
         """Wait until every process gets here."""
 
+    def wrap(self, model: nn.Module, chunk: int) -> nn.Module:
+        """The module the loop calls: forward(batch) -> (sum-CE over response tokens, their count)."""
+        return distributed.ResponseLoss(model, chunk)
+
+    @contextmanager
+    def gradient_sync(self, module: nn.Module, sync: bool) -> Iterator[None]:
+        """Around a micro-batch's forward and backward; gradients are reduced only when `sync`."""
+        yield
+
+    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole of a (possibly sharded) tensor; every process must call it, in the same order."""
+        return tensor
+
+    def shard_like(self, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A whole tensor read from a file, placed like `like` (this process's shard, if sharded)."""
+        return value
+
+    def unshard(self) -> None:
+        """After training: make every parameter whole on every process, for evaluation and saving."""
+
 
 class ProcessGroupRuntime(Runtime):
-    """The same interface over the default `torch.distributed` process group."""
+    """The same interface over the default `torch.distributed` process group; `mode` is ddp or fsdp."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, mode: str = "ddp") -> None:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             raise RuntimeError("ProcessGroupRuntime needs torch.distributed.init_process_group() first")
-        super().__init__(device, dist.get_rank(), dist.get_world_size())
+        super().__init__(device, dist.get_rank(), dist.get_world_size(), mode)
+        self.module: nn.Module | None = None
 
     def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         import torch.distributed as dist
@@ -69,20 +98,37 @@ class ProcessGroupRuntime(Runtime):
 
         return bool(self._all_reduce(torch.tensor([int(flag)], device=self.device), dist.ReduceOp.MAX))
 
-    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+    def gather(self, value: Any) -> list[Any]:
         import torch.distributed as dist
 
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        self._all_reduce(flat, dist.ReduceOp.SUM).div_(self.world_size)
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def barrier(self) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+    def wrap(self, model: nn.Module, chunk: int) -> nn.Module:
+        module = distributed.ResponseLoss(model, chunk)
+        if self.mode == "fsdp":
+            self.module = distributed.wrap_fsdp(module, self.device, self.world_size)
+        else:
+            self.module = distributed.wrap_ddp(module, self.device)
+        return self.module
+
+    @contextmanager
+    def gradient_sync(self, module: nn.Module, sync: bool) -> Iterator[None]:
+        with distributed.gradient_sync(module, sync):
+            yield
+
+    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        return distributed.full_tensor(tensor)
+
+    def shard_like(self, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return distributed.shard_like(value, like)
+
+    def unshard(self) -> None:
+        if self.mode == "fsdp" and self.module is not None:
+            distributed.unshard_for_finish(self.module)
