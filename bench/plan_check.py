@@ -101,15 +101,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="lora,qlora,dora,adalora,freeze,full")
     parser.add_argument("--llama", choices=sorted(LLAMA), help="a random Llama-shaped model instead of the bundled one")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2, help="2 suffice: the optimizer states exist from step 2 on")
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--json-out")
     args = parser.parse_args()
 
     from rich.console import Console
 
     from slimtune.config import build_config
-    from slimtune.plan import gb
+    from slimtune.plan import CPU_RUNTIME_BYTES, gb
     from slimtune.plan_report import make_plan
     from slimtune.stages import check_run
 
@@ -122,8 +122,9 @@ def main() -> None:
     lines = (ROOT / "examples/data/extract_train.jsonl").read_text(encoding="utf-8").splitlines()
     train.write_text("\n".join(lines[: args.steps * args.batch_size]) + "\n", encoding="utf-8")
     rows = []
-    print(f"| model | method | predicted peak | measured peak | predicted / measured | tokens/s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | method | predicted peak | measured peak | predicted / measured | RSS before build (predicted "
+          f"{CPU_RUNTIME_BYTES / 2**20:.0f} MiB) | tokens/s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for method in args.methods.split(","):
         data = config_for(model, method, train, work / method, args.steps, args.batch_size)
         cfg = build_config(data)
@@ -141,7 +142,7 @@ def main() -> None:
                "breakdown": {line.name: line.bytes for line in predicted.lines}}
         rows.append(row)
         print(f"| {row['model']} | {method} | {gb(predicted.peak)} | {gb(measured_bytes)} | {row['ratio']:.2f} | "
-              f"{measured['tokens_per_s']:.0f} |", flush=True)
+              f"{measured['rss_before_build_mb']:.0f} MiB | {measured['tokens_per_s']:.1f} |", flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 
