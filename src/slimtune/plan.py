@@ -47,8 +47,12 @@ from torch import nn
 from slimtune.errors import ConfigError
 
 # -- measured here (2-core AMD EPYC VM, torch 2.13 CPU; `python bench/plan_check.py`) -----------------
-# RSS of the training process before the model loads: Python, torch, transformers, tokenizer, data.
-CPU_RUNTIME_BYTES = 330 * 2**20
+# RSS of the training process before the model loads: Python, torch, transformers, tokenizer, data
+# (394 MiB after the check stage on the bundled model and the demo data).
+CPU_RUNTIME_BYTES = 394 * 2**20
+# What a process gains once it trains, whatever the model: the libraries' kernels and workspaces, the
+# threads' heaps. Measured: the bundled model's LoRA peak (bench/plan_check.py) minus every other line.
+CPU_TRAINING_FIXED_BYTES = 72 * 2**20
 # glibc's heap keeps freed activation memory resident and fragments it: measured peak RSS minus the
 # arithmetic's live bytes, as a share of the step's dynamic memory (activations, loss chunk, grads).
 CPU_HEAP_OVERHEAD = 0.45
@@ -240,6 +244,8 @@ def estimate(method: str, plugin, counts: Counts, shape: Shape, settings: Settin
     on_cpu = settings.device == "cpu"
     if on_cpu:
         lines.append(Line("runtime", CPU_RUNTIME_BYTES, "Python, torch, transformers, tokenizer, data (measured)"))
+        lines.append(Line("training runtime", CPU_TRAINING_FIXED_BYTES,
+                          "kernels' workspaces and threads' heaps once training runs (measured)"))
     nf4 = NF4_DOUBLE_QUANT_BYTES if settings.double_quant else NF4_BYTES
     if quantized:
         lines.append(Line("frozen weights", counts.quantizable * nf4,
