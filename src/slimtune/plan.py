@@ -278,10 +278,11 @@ def estimate(method: str, plugin, counts: Counts, shape: Shape, settings: Settin
                       f"{per_layer:,} B/token/layer x {grad_layers - checkpointed} layers x {tokens:,} tokens"
                       + (f"; {checkpointed} checkpointed layers keep their input" if checkpointed else "")))
     rows = min(settings.loss_chunk, max(settings.label_tokens, 1))
-    lines.append(Line("loss chunk", rows * shape.vocab * (abytes + 8), f"{rows} rows x {shape.vocab:,} vocab"))
+    loss_chunk = rows * shape.vocab * (abytes + 8)
+    lines.append(Line("loss chunk", loss_chunk, f"{rows} rows x {shape.vocab:,} vocab"))
     if quantized:
         lines.append(Line("dequantization scratch", counts.largest_linear * abytes, "one linear weight at a time"))
-    dynamic = saved + lines[-1].bytes + counts.trainable * 4
+    dynamic = saved + loss_chunk + counts.trainable * 4  # what each step allocates and frees again
     overhead = dynamic * (CPU_HEAP_OVERHEAD if on_cpu else GPU_ALLOCATOR_OVERHEAD)
     lines.append(Line("allocator overhead", overhead,
                       f"{'CPU heap, measured' if on_cpu else 'CUDA caching allocator, assumed'}: "

@@ -129,7 +129,7 @@ def make_plan(cfg: Config, budget: float | None, device: str, dataset=None, seq_
             can_quantize = METHODS[name].accepts_quantized_base and not mcfg.quantized
             methods[name] = MethodPlan(estimate(name, mcfg.plugin, mcounts, shape, settings, mcfg.quantized),
                                        fit_budget(name, evaluate, settings, budget, can_quantize))
-    tokens = dataset.num_tokens * cfg.train.epochs if dataset is not None else None
+    tokens = dataset.num_tokens if dataset is not None else None  # one epoch
     examples = len(dataset) if dataset is not None else None
     recommendation = None
     if budget is not None:
