@@ -407,7 +407,7 @@ def recommend(fits: dict[str, bool], long_texts: bool, data_tokens: int | None, 
                         "fine-tuning fits the budget")
     extras = [name for name in ("dora", "adalora") if fits.get(name)]
     if fits.get("lora"):
-        reason = "LoRA first: it fits with room, trains ~1% of the weights and its adapter is small"
+        reason = "LoRA first: it fits, trains a small share of the weights and its adapter file is small"
         if long_texts:
             reason += "; long texts: train with train.grad_checkpointing=true" + (
                 "" if "longlora" in fits else " (LongLoRA is not available in this version)")

@@ -133,8 +133,14 @@ def make_plan(cfg: Config, budget: float | None, device: str, dataset=None, seq_
     examples = len(dataset) if dataset is not None else None
     recommendation = None
     if budget is not None:
-        fits = {name: mp.fit.fits for name, mp in methods.items() if mp.fit}
-        recommendation = recommend(fits, settings.seq_len >= LONG_TEXT_TOKENS, tokens, examples)
+        # A method that fits after a change of settings (not of method) counts as fitting, with that change.
+        fits = {name: mp.fit.fits or (mp.fit.fixed_peak is not None and not any(
+            change.startswith("method=") for change in mp.fit.changes)) for name, mp in methods.items() if mp.fit}
+        name, reason = recommend(fits, settings.seq_len >= LONG_TEXT_TOKENS, tokens, examples)
+        fit = methods[name].fit if name in methods else None
+        if fit is not None and not fit.fits and fit.fixed_peak is not None:
+            reason += f"; {name} fits with " + ", ".join(fit.changes)
+        recommendation = (name, reason)
     time_estimate = None
     if measure_time:
         peak = matmul_peak_flops(torch.bfloat16 if settings.precision == "bf16" else torch.float32)
