@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -54,23 +53,9 @@ DEFAULT_CONFIGS = "peer-fp32,peer-bf16,slimtune,slimtune-trim,slimtune-packed,sl
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 1.5) -> float:
     """Best observed GFLOP/s of a (size x size) @ (size x size) matmul in `dtype` on this device."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return best
+    from slimtune.plan import matmul_peak_flops
+
+    return matmul_peak_flops(dtype, size, seconds) / 1e9
 
 
 def flops_per_token(model_dir: str) -> float:

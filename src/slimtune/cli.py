@@ -261,6 +261,50 @@ def _prints_errors(exc: SlimtuneError | None) -> bool:
     return launched_rank() == 0 or isinstance(exc, PeerFailure)
 
 
+@app.command()
+def plan(
+    config: Annotated[Optional[str], typer.Argument(help="YAML config file (or, with --model, a KEY=VALUE).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. train.batch_size=8.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Plan for this model without a config file.")] = None,
+    method: Annotated[str, typer.Option(help="With --model: the method to break down.")] = "lora",
+    length: Annotated[int, typer.Option(min=2, help="With --model: tokens per example (data.max_length).")] = 1024,
+    memory: Annotated[Optional[str], typer.Option(help="Budget on this machine's device, e.g. 24GB, 16GiB: "
+                                                       "which methods fit, and what makes the others fit.")] = None,
+    gpu: Annotated[Optional[str], typer.Option(help="Budget of a GPU (planned from any machine), e.g. 24GB.")] = None,
+    published: Annotated[bool, typer.Option(help="Also print 7B / 13B / 70B Llama figures next to published ones.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Memory and time arithmetic from the model's config.json alone: breakdown, budget, recommendation."""
+    import json
+
+    from slimtune.plan_report import plan_command, published_rows, render
+
+    if (config is None) == (model is None):
+        from slimtune.errors import ConfigError
+
+        raise ConfigError("slimtune plan needs a config file or --model (not both), e.g. "
+                          "slimtune plan examples/extract.yaml or slimtune plan --model smollm2-135m --memory 8GB")
+    result = plan_command(config, overrides or [], model, method, length, memory, gpu, console)
+    if as_json:
+        print(json.dumps({**result.to_json(), **({"published": published_rows()} if published else {})}, indent=2))
+    else:
+        print(render(result, published))
+
+
+@app.command()
+def compare(
+    spec: Annotated[Path, typer.Argument(help="Comparison file, e.g. examples/compare.yaml.")],
+) -> None:
+    """Train every listed method on the same data, one after another (a finished entry is not run again),
+    then write compare.md, compare.json and plots (loss curves, quality against peak memory)."""
+    from slimtune.compare import COMPARE_MD, run_compare
+
+    out = run_compare(spec, console)
+    print((out / COMPARE_MD).read_text(encoding="utf-8"))
+    console.print(f"wrote {escape(str(out))}/ (compare.md, compare.json, compare_loss.png, compare_quality.png)",
+                  highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit status 2."""
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,12 +299,14 @@ def _process_device(device: torch.device) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if device.type == "cuda" else device
 
 
-def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
+def finetune(cfg: Config, console: Console | None = None,
+             on_trained: Callable[[TrainSummary], None] | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with `cfg.method` on `cfg.data`; writes the run directory `cfg.output`.
 
     Everything that can be checked is checked before any weight loads or any file in `output` changes,
     so bad input fails in seconds, not after an hour, and never costs a previous run. SIGTERM / SIGINT
-    anywhere stop the run at the next safe point with `StopRequested` (see train/signals.py)."""
+    anywhere stop the run at the next safe point with `StopRequested` (see train/signals.py). `on_trained`
+    is called between training and the finish stage (`slimtune compare` reads the training peak there)."""
     console = console or Console(stderr=True)
     with stop_requests(), ExitStack() as stack:
         runtime, console = _join_processes(cfg, console, stack)
@@ -336,6 +339,8 @@ def finetune(cfg: Config, console: Console | None = None) -> TrainResult:
                 cfg.output / "metrics.jsonl", console, device=checked.device, precision=built.precision,
                 packing=built.packing, checkpoint_dir=cfg.output / CHECKPOINTS, resume_from=checked.resume_from,
                 config_snapshot=cfg.to_yaml_dict(), runtime=built.runtime)
+        if on_trained is not None:
+            on_trained(summary)
         return finish_run(built, summary, console)
 
 

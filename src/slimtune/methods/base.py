@@ -96,6 +96,9 @@ class Method:
     accepts_quantized_base: ClassVar[bool] = False  # `quantize: nf4` may be combined with it
     trains_base_weights: ClassVar[bool] = False
     shards_with_fsdp: ClassVar[bool] = True      # train.distributed=fsdp may shard its parameters
+    # For `slimtune plan` (plan.py): memory the method holds beyond its trainable parameters.
+    saves_layer_outputs: ClassVar[bool] = False  # each adapted layer keeps its output for backward (DoRA)
+    keeps_base_copies: ClassVar[bool] = False    # keeps the trained base tensors' original values (base view)
     run_files: ClassVar[tuple[str, ...]] = ()     # every file a finished run holds (cleared by overwrite)
     weights_files: ClassVar[tuple[str, ...]] = ()  # written last: their presence marks a finished run
 

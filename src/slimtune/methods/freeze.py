@@ -319,6 +319,7 @@ class Freeze(Method):
     sections = {"freeze": None}
     equivalents = {"lora.targets": "freeze.patterns or freeze.layers"}
     trains_base_weights = True
+    keeps_base_copies = True
     run_files = (FREEZE_CONFIG, FREEZE_WEIGHTS)
     weights_files = (FREEZE_WEIGHTS,)
 

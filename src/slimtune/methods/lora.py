@@ -561,6 +561,7 @@ class DoRA(LoRA):
     name = "dora"
     summary = "LoRA with a learned magnitude per output (lora.*)"
     accepts_quantized_base = False
+    saves_layer_outputs = True
     use_dora = True
 
 

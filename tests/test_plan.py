@@ -1,0 +1,229 @@
+"""`slimtune plan`: counts against hand computation, the activation model against measured memory, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtune.config import build_config
+from slimtune.errors import ConfigError
+from slimtune.plan import NF4_DOUBLE_QUANT_BYTES, Settings, Shape, count, estimate, parse_memory, recommend
+from slimtune.plan_report import attached_skeleton, settings_of
+
+from conftest import make_tiny_tokenizer
+from test_cli import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The conftest tiny Llama: hidden 32, MLP 64, 2 layers, 4 heads of 8, 2 kv heads (kv width 16), untied.
+H, I, KV, LAYERS = 32, 64, 16, 2
+LINEAR_PER_LAYER = H * H + H * KV + H * KV + H * H + 3 * H * I  # q, k, v, o, gate, up, down = 9216
+NORMS_PER_LAYER = 2 * H
+
+
+def _cfg(model_dir: Path, method: str, **sections) -> object:
+    return build_config({"model": str(model_dir), "method": method, "data": {"train": "-"}, **sections})
+
+
+def test_parse_memory_units():
+    assert parse_memory("24GB") == 24 * 10**9
+    assert parse_memory("16GiB") == 16 * 2**30
+    assert parse_memory("1.5 TB") == 1_500_000_000_000
+    assert parse_memory("512mb") == 512 * 10**6
+    for bad in ("24XB", "GB", "-1GB", "0GB", "24 G B"):
+        with pytest.raises(ConfigError, match="is not a memory size"):
+            parse_memory(bad)
+
+
+def test_counts_match_hand_computation(tiny_model_dir):
+    vocab = len(make_tiny_tokenizer())
+    base = LAYERS * (LINEAR_PER_LAYER + NORMS_PER_LAYER) + 2 * vocab * H + H  # + embeddings, head, final norm
+    r = 4
+    # LoRA r on every linear layer: r x (in + out) each.
+    lora_per_layer = r * ((H + H) + (H + KV) * 2 + (H + H) + (H + I) * 2 + (I + H))
+    lora = count(attached_skeleton(_cfg(tiny_model_dir, "lora", lora={"r": r, "targets": "all-linear"})), False)
+    assert lora.trainable == LAYERS * lora_per_layer, "LoRA's trainable count is r (in + out) per adapted layer"
+    assert lora.base == base and lora.total == base + LAYERS * lora_per_layer
+    assert lora.embeddings == 2 * vocab * H and lora.grad_layers == LAYERS
+    assert lora.adapted_out_features == H + KV + KV + H + I + I + H
+
+    qlora = count(attached_skeleton(_cfg(tiny_model_dir, "qlora", lora={"r": r, "targets": "all-linear"})), True)
+    assert qlora.quantizable == LAYERS * LINEAR_PER_LAYER, "every linear weight but the LM head is NF4"
+    shape = Shape.of(attached_skeleton(_cfg(tiny_model_dir, "lora")))
+    assert (shape.hidden, shape.kv_width, shape.intermediate, shape.layers) == (H, KV, I, LAYERS)
+
+    freeze = count(attached_skeleton(_cfg(tiny_model_dir, "freeze", freeze={"last_layers": 1})), False)
+    assert freeze.trainable == LINEAR_PER_LAYER + NORMS_PER_LAYER and freeze.grad_layers == 1
+    full = count(attached_skeleton(_cfg(tiny_model_dir, "full")), False)
+    assert full.trainable == full.total == base
+
+
+def test_estimate_bytes_follow_the_counts(tiny_model_dir):
+    """NF4 at 0.5 + 1/64 + 4/16384 B/param, fp32 trainables, grads and two AdamW moments."""
+    cfg = _cfg(tiny_model_dir, "qlora", lora={"r": 4, "targets": "all-linear"}, train={"precision": "bf16"})
+    skeleton = attached_skeleton(cfg)
+    counts = count(skeleton, True)
+    est = estimate("qlora", cfg.plugin, counts, Shape.of(skeleton), settings_of(cfg, "cuda", seq_len=64), True)
+    vocab = len(make_tiny_tokenizer())
+    nf4 = LAYERS * LINEAR_PER_LAYER * (0.5 + 1 / 64 + 4 / (64 * 256))
+    assert NF4_DOUBLE_QUANT_BYTES == pytest.approx(0.5158691, abs=1e-7)
+    assert est.line("frozen weights") == pytest.approx(nf4 + 2 * (2 * vocab * H + LAYERS * NORMS_PER_LAYER + H))
+    assert est.line("trainable") == est.line("gradients") == 4 * counts.trainable
+    assert est.line("optimizer states") == 8 * counts.trainable
+
+
+def test_saved_activations_match_the_per_layer_model(tiny_model_dir):
+    """The per-token-per-layer formula against the bytes autograd really keeps (saved_tensors_hooks),
+    for a forward of LoRA and DoRA in bf16 autocast on a wider tiny model: within 10%."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rich.console import Console
+
+    from slimtune.train.fused import fuse_modules
+    from slimtune.train.loss import response_loss_sum
+    from slimtune.train.prepare import slimtune_attention
+
+    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    tokens = 4 * 128  # batch 4 x 128
+    for method in ("lora", "dora"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.config.use_cache = False
+        cfg = build_config({"model": "-", "method": method, "data": {"train": "-"},
+                            "lora": {"r": 8, "targets": "all-linear"}})
+
+        with slimtune_attention(model, cfg.train, Console(quiet=True)):
+            fuse_modules(model)
+            cfg.plugin.attach(model, cfg, Console(quiet=True))
+            model.train()
+            ids = torch.randint(0, 300, (4, 128))
+            batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+            storages: dict[int, int] = {}
+            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+            def keep(t):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+                    torch.autocast("cpu", dtype=torch.bfloat16):
+                response_loss_sum(model, batch, chunk=10**6)
+        saved = sum(n for ptr, n in storages.items() if ptr not in weights)
+        settings = Settings(batch_size=4, seq_len=128, label_tokens=tokens, precision="bf16", optimizer="adamw",
+                            offload_optimizer=False, grad_checkpointing=False, checkpoint_fraction=1.0,
+                            loss_chunk=1024, device="cpu")
+        predicted = estimate(method, cfg.plugin, count(model, False), Shape.of(model), settings, False).line("activations")
+        assert predicted == pytest.approx(saved, rel=0.10), f"{method}: predicted {predicted} B, autograd kept {saved} B"
+
+MEASURE = '''
+from pathlib import Path
+Path("/proc/self/clear_refs").write_text("5")
+import json, sys
+from contextlib import ExitStack
+from rich.console import Console
+from slimtune.config import build_config
+from slimtune.stages import build_run, check_run
+from slimtune.train.loop import run_training
+from slimtune.train.prepare import training_mode
+
+def rss(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+cfg = build_config(json.loads(sys.argv[1]))
+console = Console(quiet=True)
+checked = check_run(cfg, console)
+before = rss("VmRSS")
+with ExitStack() as stack:
+    built = build_run(checked, console, stack)
+    with training_mode(built.model, cfg.train, console):
+        run_training(built.model, built.attached, checked.train_set, cfg.train, checked.tokenizer.pad_token_id,
+                     cfg.output / "metrics.jsonl", console, device=checked.device, precision=built.precision,
+                     packing=built.packing, checkpoint_dir=cfg.output / "checkpoints", runtime=built.runtime)
+print(json.dumps({"growth": rss("VmHWM") - before}))
+'''
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory) -> Path:
+    """A tiny-vocabulary Llama wide enough that activations dominate the training process's growth."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = make_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path, safe_serialization=True)  # as HF models ship
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("checkpointing, tolerance", [(False, 0.30), (True, 0.40)])
+def test_predicted_growth_matches_measured_rss(wide_model_dir, tmp_path, checkpointing, tolerance):
+    """Peak RSS of 2 LoRA steps in a fresh process, above its RSS before the build, against the plan's
+    peak without the runtime line. The measured growth of this small model moves from run to run on the
+    shared 2-core VM (306 and 343 MiB for the same test), so the tolerance is wide: 30% without
+    checkpointing (measured -13% and -22%); with it the plan is known to run low (-28%: the recomputed
+    layer's backward temporaries and the heap's holes around them are not modelled), so 40%."""
+    rows = [{"instruction": f"say {i}", "output": "abcdefgh" * 50} for i in range(8)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = {"model": str(wide_model_dir), "method": "lora", "output": str(tmp_path / "run"), "overwrite": True,
+            "lora": {"targets": "all-linear"}, "data": {"train": str(train), "max_length": 512},
+            "train": {"batch_size": 4, "max_steps": 2, "save_every": None, "grad_checkpointing": checkpointing}}
+    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(data)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+
+    from rich.console import Console
+
+    from slimtune.plan_report import make_plan
+    from slimtune.stages import check_run
+
+    cfg = build_config(data)
+    plan = make_plan(cfg, None, "cpu", check_run(cfg, Console(quiet=True)).train_set, measure_time=False)
+    est = plan.methods["lora"].estimate
+    predicted = est.peak - est.line("runtime")
+    print(f"checkpointing={checkpointing}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    assert predicted == pytest.approx(measured, rel=tolerance), f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
+
+
+def test_recommendation_follows_the_guide():
+    everything = {"lora": True, "qlora": True, "dora": True, "adalora": True, "freeze": True, "full": True}
+    assert recommend(everything, False, 10_000, 100)[0] == "lora"
+    assert recommend(everything, False, 100_000_000, 500_000)[0] == "full"
+    assert recommend({**everything, "lora": False, "dora": False, "adalora": False, "full": False},
+                     False, 10_000, 100)[0] == "qlora"
+    assert recommend({name: name == "freeze" for name in everything}, False, 10_000, 100)[0] == "freeze"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "smollm2-135m", "--memory", "24XB"], "--memory '24XB' is not a memory size"),
+    (["--model", "/no/such/model-dir"], "'/no/such/model-dir' is not a HF model directory"),
+    ([], "needs a config file or --model"),
+])
+def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, args, needle):
+    code, _, err = run_cli(monkeypatch, capsys, "plan", *args)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_plan_json_on_tiny_model(monkeypatch, capsys, tiny_model_dir):
+    code, out, err = run_cli(monkeypatch, capsys, "plan", "--model", tiny_model_dir, "--memory", "2GB", "--json",
+                             "--length", "64")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert set(plan["methods"]) == {"lora", "qlora", "dora", "adalora", "freeze", "full"}
+    assert all(entry["fit"]["fits"] for entry in plan["methods"].values())
+    assert plan["recommendation"]["method"] == "lora"
+    assert plan["time_per_epoch"]["seconds_per_epoch"] > 0
