@@ -66,6 +66,29 @@ def merge(
 
 
 @app.command()
+def combine(
+    adapters: Annotated[list[Path], typer.Argument(
+        help="Two or more run / PEFT adapter directories of one base model, then the new directory OUT.")],
+    weights: Annotated[Optional[str], typer.Option(help="One weight per adapter, e.g. 0.6,0.4 (default: 1 each).")] = None,
+    how: Annotated[str, typer.Option(help="linear, cat, svd, ties, dare_linear or dare_ties (PEFT's definitions).")] = "cat",
+    density: Annotated[Optional[float], typer.Option(help="ties / dare_*: the fraction of entries kept.")] = None,
+    svd_rank: Annotated[Optional[int], typer.Option(help="svd: the new rank (default: the largest input rank).")] = None,
+    seed: Annotated[int, typer.Option(help="dare_*: seed of the random drop masks.")] = 0,
+    model: Annotated[Optional[str], typer.Option(help="The base model, when the adapters do not name it.")] = None,
+) -> None:
+    """Combine adapters into one new adapter (PEFT's format): slimtune combine A B --weights 0.6,0.4 --how cat OUT."""
+    from slimtune.combine import combine_adapters, parse_weights
+
+    if len(adapters) < 3:
+        raise SlimtuneError("combine needs at least two adapter directories and the output directory: "
+                            "slimtune combine A B OUT")
+    *sources, out = adapters
+    written = combine_adapters(sources, out, parse_weights(weights, len(sources)), how, density, svd_rank, seed, model)
+    console.print(f"wrote the {escape(how)} combination of {len(sources)} adapters to {escape(str(written))}/",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="A training run's output directory.")],
     prompt: Annotated[str, typer.Argument(help="The user message.")],
