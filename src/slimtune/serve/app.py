@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimtune.data.render import ChatRenderer
+from slimtune.errors import AdapterError
+from slimtune.methods.multi import Mixture, RowEntry, parse_mixture
 from slimtune.serve import schemas
 from slimtune.serve.engine import Delta, Engine, Event, Failed, Finished, Generation
 from slimtune.serve.errors import APIError, error_body
@@ -46,15 +48,34 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     inflight: int = 0
 
-    def adapter_for(self, model: str) -> str | None:
-        """The adapter a request's `model` names (None: the base model), or 404."""
+    def adapter_for(self, model: str) -> RowEntry:
+        """The adapter a request's `model` names (None: the base model), a `Mixture` for a weighted mixture of
+        loaded adapters ('extract:0.7+docs:0.3'), or 404."""
         if model == self.base_name:
             return None
         if model in self.registry.paths:
             return model
+        if "+" in model or ":" in model:
+            return self.mixture_for(model)
         offered = ", ".join([self.base_name, *self.registry.paths])
         raise APIError(404, f"model {model!r} does not exist: this server offers {offered}", param="model",
                        code="model_not_found")
+
+    def mixture_for(self, model: str) -> Mixture:
+        """The mixture `model` writes, after checking it: 400 for bad syntax or DoRA parts, 404 for unknown names."""
+        try:
+            mixture = parse_mixture(model)
+        except AdapterError as exc:
+            raise APIError(400, str(exc), param="model") from None
+        unknown = [name for name in mixture.names if name not in self.registry.paths]
+        if unknown:
+            raise APIError(404, f"mixture {model!r} names adapters that are not loaded: {', '.join(unknown)}; loaded: "
+                                f"{', '.join(self.registry.paths) or '(none)'}", param="model", code="model_not_found")
+        try:
+            self.registry.adapters.check_mixture(mixture)
+        except AdapterError as exc:
+            raise APIError(400, str(exc), param="model") from None
+        return mixture
 
     def sampling(self, body: schemas._Sampling, longest_prompt: int, prompt_param: str) -> SamplingParams:
         """The request's generation settings, checked against the server's limits and the model's context."""
@@ -90,7 +111,7 @@ class ServerState:
 class Submission:
     """The prompts of one request, queued on the engine; `events()` yields what the engine sends back."""
 
-    def __init__(self, state: ServerState, prompts: list[list[int]], adapter: str | None, params: SamplingParams
+    def __init__(self, state: ServerState, prompts: list[list[int]], adapter: RowEntry, params: SamplingParams
                  ) -> None:
         if state.inflight + len(prompts) > state.limits.max_concurrent:
             raise APIError(429, f"the server is busy ({state.inflight} prompts in flight, limit "
