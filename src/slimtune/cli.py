@@ -190,6 +190,11 @@ def serve(
     quantize: Annotated[str, typer.Option(
         help="nf4: freeze the base's linear layers in NF4, the base QLoRA adapters were trained on; none: keep "
              "them as loaded; auto: nf4 when every --adapter is a QLoRA run.")] = "auto",
+    route_name: Annotated[str, typer.Option(
+        help="Model name that routes each request to the adapter whose training prompts are closest (adapters "
+             "with a routing signature); empty: no routing.")] = "auto",
+    route_threshold: Annotated[Optional[float], typer.Option(
+        help="Route to the base model below this similarity (default: each signature's own threshold).")] = None,
 ) -> None:
     """Serve the base model and adapters with an OpenAI-compatible API (chat and text completions,
     streaming, adapters loaded and unloaded at run time); requests for different adapters share batches."""
@@ -208,7 +213,23 @@ def serve(
     limits = ServeLimits(max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
                          max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                          max_concurrent=max_concurrent, max_batch=max_batch)
-    run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize)
+    run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize,
+               route_name or None, route_threshold)
+
+
+@app.command()
+def signature(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (training writes the signature itself).")],
+    data: Annotated[Optional[Path], typer.Option(help="Training prompts (default: the run's data.train).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="The base model (default: the run's).")] = None,
+) -> None:
+    """Write each run's routing signature (its training prompts as the base model sees them), for `model: auto`
+    in `slimtune serve` and `slimtune.route`; needs no training."""
+    from slimtune.routing import compute_signature
+
+    for run_dir in run_dirs:
+        written = compute_signature(run_dir, data, model)
+        console.print(f"wrote {escape(str(written))}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -25,14 +25,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from slimtune.data.render import ChatRenderer
 from slimtune.errors import AdapterError
 from slimtune.methods.multi import Mixture, RowEntry, parse_mixture
+from slimtune.routing import prompt_text
 from slimtune.serve import schemas
 from slimtune.serve.engine import Delta, Engine, Event, Failed, Finished, Generation
 from slimtune.serve.errors import APIError, error_body
 from slimtune.serve.registry import AdapterRegistry
+from slimtune.serve.route import ServeRouter
 from slimtune.serve.sampling import SamplingParams
 from slimtune.serve.security import APIKeyMiddleware, BodyLimitMiddleware, ServeLimits
 
 log = logging.getLogger("slimtune.serve")
+AUTO = object()  # `adapter_for`'s answer for the route name: the router picks once the prompt is known
 
 
 @dataclass
@@ -47,6 +50,14 @@ class ServerState:
     context_length: int
     created: int = field(default_factory=lambda: int(time.time()))
     inflight: int = 0
+    router: ServeRouter | None = None  # `model: "auto"` (router.name): the adapter closest to the prompt
+
+    async def routed(self, adapter: RowEntry | object, model: str, text: str) -> tuple[RowEntry, str]:
+        """(adapter, model name to report): the router's pick when `adapter` is AUTO, else unchanged."""
+        if adapter is not AUTO:
+            return adapter, model
+        chosen = await asyncio.wrap_future(self.engine.call(lambda: self.router.pick(text)))
+        return chosen.name, chosen.name or self.base_name
 
     def adapter_for(self, model: str) -> RowEntry:
         """The adapter a request's `model` names (None: the base model), a `Mixture` for a weighted mixture of
@@ -55,6 +66,8 @@ class ServerState:
             return None
         if model in self.registry.paths:
             return model
+        if self.router is not None and model == self.router.name:
+            return AUTO
         if "+" in model or ":" in model:
             return self.mixture_for(model)
         offered = ", ".join([self.base_name, *self.registry.paths])
@@ -236,9 +249,10 @@ def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
                 "parent": parent}
 
     def model_cards() -> list[dict]:
+        routed = [model_card(state.router.name, state.base_name, state.base_name)] if state.router else []
         return [model_card(state.base_name, None, state.base_name), *(
             model_card(name, state.base_name, str(path.relative_to(state.registry.root)))
-            for name, path in state.registry.paths.items())]
+            for name, path in state.registry.paths.items()), *routed]
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -247,27 +261,33 @@ def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict:
         state.adapter_for(model_id)  # 404 for an unknown name
-        return next(card for card in model_cards() if card["id"] == model_id)
+        card = next((card for card in model_cards() if card["id"] == model_id), None)
+        if card is None:  # a mixture: valid to request, but not a model of its own
+            raise APIError(404, f"{model_id!r} is a mixture of adapters, not a listed model", param="model",
+                           code="model_not_found")
+        return card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest):
         adapter = state.adapter_for(body.model)
-        prompt = ChatRenderer(state.tokenizer).encode_prompt(body.conversation())  # as `slimtune generate` does
+        conversation = body.conversation()
+        prompt = ChatRenderer(state.tokenizer).encode_prompt(conversation)  # as `slimtune generate` does
         params = state.sampling(body, len(prompt), "messages")
+        adapter, model = await state.routed(adapter, body.model, prompt_text(conversation))
         submission = Submission(state, [prompt], adapter, params)
         request_id = schemas.new_id("chatcmpl")
         if not body.stream:
             texts, reasons, completion = await _collect(submission)
-            return schemas.chat_completion(request_id, body.model, texts, reasons,
+            return schemas.chat_completion(request_id, model, texts, reasons,
                                            schemas.usage(submission.prompt_tokens, completion))
         created = int(time.time())
 
         def chunk(index: int, text: str | None, reason: str | None) -> dict:
             delta = {} if text is None else {"content": text}
-            return schemas.chat_chunk(request_id, body.model, created, index, delta, reason)
+            return schemas.chat_chunk(request_id, model, created, index, delta, reason)
 
-        opening = [schemas.chat_chunk(request_id, body.model, created, 0, {"role": "assistant", "content": ""}, None)]
-        return StreamingResponse(_stream(submission, chunk, opening, _usage_chunk(body, submission, request_id,
+        opening = [schemas.chat_chunk(request_id, model, created, 0, {"role": "assistant", "content": ""}, None)]
+        return StreamingResponse(_stream(submission, chunk, opening, _usage_chunk(body, model, submission, request_id,
                                                                                  "chat.completion.chunk", created)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -276,24 +296,30 @@ def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         adapter = state.adapter_for(body.model)
         prompts = _completion_prompts(body.prompt, state.tokenizer)
         params = state.sampling(body, max(len(p) for p in prompts), "prompt")
+        # Several prompts share one adapter: a routed request goes where its first prompt points.
+        adapter, model = await state.routed(adapter, body.model, state.tokenizer.decode(prompts[0],
+                                                                                        skip_special_tokens=True))
         submission = Submission(state, prompts, adapter, params)
         request_id = schemas.new_id("cmpl")
         if not body.stream:
             texts, reasons, completion = await _collect(submission)
-            return schemas.text_completion(request_id, body.model, texts, reasons,
+            return schemas.text_completion(request_id, model, texts, reasons,
                                            schemas.usage(submission.prompt_tokens, completion))
         created = int(time.time())
 
         def chunk(index: int, text: str | None, reason: str | None) -> dict:
-            return schemas.text_chunk(request_id, body.model, created, index, text or "", reason)
+            return schemas.text_chunk(request_id, model, created, index, text or "", reason)
 
-        return StreamingResponse(_stream(submission, chunk, [], _usage_chunk(body, submission, request_id,
+        return StreamingResponse(_stream(submission, chunk, [], _usage_chunk(body, model, submission, request_id,
                                                                              "text_completion", created)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: schemas.LoadAdapterRequest) -> dict:
         registry = state.registry
+        if state.router is not None and body.lora_name == state.router.name:
+            raise APIError(400, f"'{body.lora_name}' is this server's routing name: choose another adapter name",
+                           param="lora_name")
         path = await asyncio.wrap_future(state.engine.call(lambda: registry.load(body.lora_name, body.lora_path)))
         log.info("loaded adapter '%s' from %s", body.lora_name, path)
         return {"object": "lora_adapter", "id": body.lora_name, "parent": state.base_name,
@@ -310,12 +336,12 @@ def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
     return app
 
 
-def _usage_chunk(body: schemas._Sampling, submission: Submission, request_id: str, obj: str, created: int
+def _usage_chunk(body: schemas._Sampling, model: str, submission: Submission, request_id: str, obj: str, created: int
                  ) -> Callable[[int], dict] | None:
     """With `stream_options.include_usage`, the builder of a stream's closing usage chunk."""
     if not (body.stream_options and body.stream_options.include_usage):
         return None
-    return lambda completion: schemas.usage_chunk(request_id, body.model, created, obj,
+    return lambda completion: schemas.usage_chunk(request_id, model, created, obj,
                                                   schemas.usage(submission.prompt_tokens, completion))
 
 
