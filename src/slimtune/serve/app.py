@@ -249,7 +249,8 @@ def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
                 "parent": parent}
 
     def model_cards() -> list[dict]:
-        routed = [model_card(state.router.name, state.base_name, state.base_name)] if state.router else []
+        routed = [model_card(state.router.name, state.base_name, state.base_name)] if (
+            state.router and state.router.offered()) else []
         return [model_card(state.base_name, None, state.base_name), *(
             model_card(name, state.base_name, str(path.relative_to(state.registry.root)))
             for name, path in state.registry.paths.items()), *routed]

@@ -39,6 +39,10 @@ class ServeRouter:
                 return None
         return cached[1]
 
+    def offered(self) -> bool:
+        """Whether some loaded adapter has a signature (only then is the route name listed in /v1/models)."""
+        return any((path / SIGNATURE_NAME).is_file() for path in self.registry.paths.values())
+
     def pick(self, text: str) -> Route:
         """The route for `text` (call on the engine thread)."""
         signatures = {name: sig for name, path in self.registry.paths.items()
