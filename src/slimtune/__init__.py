@@ -15,6 +15,9 @@ The Python API mirrors the CLI:
 from slimtune.config import Config, load_config
 from slimtune.errors import SlimtuneError
 from slimtune.api import evaluate_run, finetune, generate, load_run, merge_run
+from slimtune.combine import combine_adapters
+from slimtune.routing import route
 
-__all__ = ["Config", "SlimtuneError", "evaluate_run", "finetune", "generate", "load_config", "load_run", "merge_run"]
+__all__ = ["Config", "SlimtuneError", "combine_adapters", "evaluate_run", "finetune", "generate", "load_config",
+           "load_run", "merge_run", "route"]
 __version__ = "0.1.0"

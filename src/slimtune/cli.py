@@ -108,6 +108,29 @@ def merge(
 
 
 @app.command()
+def combine(
+    adapters: Annotated[list[Path], typer.Argument(
+        help="Two or more run / PEFT adapter directories of one base model, then the new directory OUT.")],
+    weights: Annotated[Optional[str], typer.Option(help="One weight per adapter, e.g. 0.6,0.4 (default: 1 each).")] = None,
+    how: Annotated[str, typer.Option(help="linear, cat, svd, ties, dare_linear or dare_ties (PEFT's definitions).")] = "cat",
+    density: Annotated[Optional[float], typer.Option(help="ties / dare_*: the fraction of entries kept.")] = None,
+    svd_rank: Annotated[Optional[int], typer.Option(help="svd: the new rank (default: the largest input rank).")] = None,
+    seed: Annotated[int, typer.Option(help="dare_*: seed of the random drop masks.")] = 0,
+    model: Annotated[Optional[str], typer.Option(help="The base model, when the adapters do not name it.")] = None,
+) -> None:
+    """Combine adapters into one new adapter (PEFT's format): slimtune combine A B --weights 0.6,0.4 --how cat OUT."""
+    from slimtune.combine import combine_adapters, parse_weights
+
+    if len(adapters) < 3:
+        raise SlimtuneError("combine needs at least two adapter directories and the output directory: "
+                            "slimtune combine A B OUT")
+    *sources, out = adapters
+    written = combine_adapters(sources, out, parse_weights(weights, len(sources)), how, density, svd_rank, seed, model)
+    console.print(f"wrote the {escape(how)} combination of {len(sources)} adapters to {escape(str(written))}/",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="A training run's output directory.")],
     prompt: Annotated[str, typer.Argument(help="The user message.")],
@@ -226,6 +249,11 @@ def serve(
     quantize: Annotated[str, typer.Option(
         help="nf4: freeze the base's linear layers in NF4, the base QLoRA adapters were trained on; none: keep "
              "them as loaded; auto: nf4 when every --adapter is a QLoRA run.")] = "auto",
+    route_name: Annotated[str, typer.Option(
+        help="Model name that routes each request to the adapter whose training prompts are closest (adapters "
+             "with a routing signature); empty: no routing.")] = "auto",
+    route_threshold: Annotated[Optional[float], typer.Option(
+        help="Route to the base model below this similarity (default: each signature's own threshold).")] = None,
 ) -> None:
     """Serve the base model and adapters with an OpenAI-compatible API (chat and text completions,
     streaming, adapters loaded and unloaded at run time); requests for different adapters share batches."""
@@ -248,7 +276,7 @@ def serve(
                          max_concurrent=max_concurrent, max_batch=max_batch, max_kv_tokens=max_kv_tokens,
                          max_adapters=max_adapters)
     run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize,
-               tuple(allow_host or ()))
+               tuple(allow_host or ()), route_name or None, route_threshold)
 
 
 def _prints_errors(exc: SlimtuneError | None) -> bool:
@@ -303,6 +331,21 @@ def compare(
     print((out / COMPARE_MD).read_text(encoding="utf-8"))
     console.print(f"wrote {escape(str(out))}/ (compare.md, compare.json, compare_loss.png, compare_quality.png)",
                   highlight=False, soft_wrap=True)
+
+
+@app.command()
+def signature(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (training writes the signature itself).")],
+    data: Annotated[Optional[Path], typer.Option(help="Training prompts (default: the run's data.train).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="The base model (default: the run's).")] = None,
+) -> None:
+    """Write each run's routing signature (its training prompts as the base model sees them), for `model: auto`
+    in `slimtune serve` and `slimtune.route`; needs no training."""
+    from slimtune.routing import compute_signature
+
+    for run_dir in run_dirs:
+        written = compute_signature(run_dir, data, model)
+        console.print(f"wrote {escape(str(written))}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -29,7 +29,8 @@ RUN_CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 EVAL_REPORT, EVAL_METRICS = "eval_report.md", "eval_metrics.json"
 # Files every run writes besides its method's (the method's reports are in its run_files).
-COMMON_FILES = (RUN_CONFIG, "metrics.jsonl", "loss.png", "eval.json", EVAL_REPORT, EVAL_METRICS)
+COMMON_FILES = (RUN_CONFIG, "metrics.jsonl", "loss.png", "eval.json", EVAL_REPORT, EVAL_METRICS,
+                "routing_signature.safetensors")
 # Config keys whose change does not make a checkpoint meaningless to continue from.
 _RESUME_INSENSITIVE = {"resume", "overwrite", "output", "eval", "train.log_every", "train.save_every",
                        "train.keep_checkpoints", "train.on_nan", "train.device", "train.report_to", "data.eval",

@@ -224,6 +224,28 @@ def _finish_hint(out: Path) -> str:
     return f"rerun with resume=true: the final checkpoint in {out / CHECKPOINTS} holds the trained weights"
 
 
+def _write_routing_signature(built: BuiltRun, console: Console) -> list[str]:
+    """The run's routing signature (slimtune.routing) from its training prompts on the base view; a failure
+    only warns, since the trained weights still have to be written."""
+    from slimtune.routing import SIGNATURE_NAME, build_signature
+
+    checked = built.checked
+    try:
+        with built.attached.base_view() as base:
+            was_training = base.training
+            base.eval()
+            try:
+                signature = build_signature(base, checked.tokenizer, checked.train_set.conversations, checked.cfg.model)
+            finally:
+                base.train(was_training)
+        signature.save(checked.cfg.output)
+    except Exception as exc:  # noqa: BLE001 - optional output; the weights matter more
+        console.print(f"[yellow]warning:[/yellow] routing signature not written ({escape(str(exc))}); compute it later "
+                      f"with `slimtune signature {escape(str(checked.cfg.output))}`", highlight=False)
+        return []
+    return [SIGNATURE_NAME]
+
+
 def finish_run(built: BuiltRun, summary: TrainSummary, console: Console) -> TrainResult:
     """The finish stage: evaluation, report, pictures, then the method's files (weights last).
 
@@ -253,6 +275,7 @@ def finish_run(built: BuiltRun, summary: TrainSummary, console: Console) -> Trai
         plot_loss(summary.rows, out / "loss.png",
                   {"base": base_metrics["loss"], "tuned": tuned_metrics["loss"]} if tuned_metrics else None)
         pictures = checked.method.write_reports(built.attached, summary.rows, cfg, out)
+        pictures += _write_routing_signature(built, console)
         # The method's weights are written last: their presence marks a finished run.
         written = checked.method.save(built.attached, checked.tokenizer, cfg, out, built.base_model, summary.steps)
     console.print(f"wrote {escape(str(out))}/ ({written}, {', '.join(pictures + ['metrics.jsonl', 'loss.png', 'eval.json'])})")

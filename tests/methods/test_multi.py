@@ -131,3 +131,42 @@ def test_lora_merge_functions_leave_an_adapter_set_alone(fresh, adapter_dirs, id
     assert diff == 0, f"the logits must not change; max abs diff {diff}"
     with pytest.raises(AdapterError, match="already has LoRA layers"):
         attach_lora(model, ["q_proj"])
+
+
+def test_mixture_rows_equal_the_cat_combination(fresh, adapter_dirs, ids, tmp_path, tiny_model_dir):
+    """A row asking for 0.7 a + 0.3 c equals the `cat` combination of a and c loaded alone, in layers with a
+    DoRA neighbour ('b' in v_proj: the per-adapter path) and without (q_proj, o_proj: the stacked path)."""
+    from slimtune.combine import combine_adapters
+    from slimtune.methods.multi import parse_mixture
+
+    model = fresh()
+    attach_lora(model, ["v_proj", "o_proj"], r=6, alpha=4.0, rslora=True)
+    gen = torch.Generator().manual_seed(30)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.3)
+    save_lora_adapter(model, tmp_path / "c", base_model="tiny")
+    dirs = {**adapter_dirs, "c": tmp_path / "c"}
+    adapters = AdapterSet(fresh())
+    for name, path in dirs.items():
+        adapters.load(path, name)
+    rows = [parse_mixture("a:0.7+c:0.3"), "b", None, parse_mixture("c:-0.5+a:1.5")]
+    batch = torch.cat([ids, ids[:1]])
+    with adapters.per_row(rows):
+        mixed = logits(adapters.model, batch)
+    for row, entry in enumerate(rows):
+        if isinstance(entry, str) or entry is None:
+            want = reference(fresh, dirs[entry] if entry else None, batch[row: row + 1])
+        else:
+            out = combine_adapters([dirs[n] for n in entry.names], tmp_path / f"cat{row}",
+                                   [w for _, w in entry.parts], "cat", model=str(tiny_model_dir))
+            want = reference(fresh, out, batch[row: row + 1])
+        diff = (mixed[row: row + 1] - want).abs().max().item()
+        assert diff <= 1e-5, f"row {row} ({entry}) must equal its reference; max abs diff {diff}"
+    assert (mixed[0] - mixed[3]).abs().max() > 1e-3, "the two mixtures must differ, else the test is void"
+    with pytest.raises(AdapterError, match="DoRA adapters"):
+        with adapters.per_row([parse_mixture("a:0.5+b:0.5")]):
+            pass
+    for bad in ("a:x", "a:0.5+a:0.5", "+a"):
+        with pytest.raises(AdapterError, match="mixture"):
+            parse_mixture(bad)

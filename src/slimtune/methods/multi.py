@@ -22,14 +22,22 @@ is two small matmuls per layer whatever the mix, instead of a gather, two matmul
 adapter; its cost grows with the total rank R of the layer's adapters. DoRA layers (whose update
 depends on the row's weight norm) keep the per-adapter path.
 
+Mixtures: a row's entry may be a `Mixture` (`parse_mixture("extract:0.7+docs:0.3")`), whose row gets
+sum_a w_a s_a B_a A_a x: in the stacked path its row of m is sum_a w_a m_a, in the per-adapter path the
+weighted sum of the adapters' updates. No merged weight is built, and the result is what the `cat`
+combination of the same adapters and weights computes (`slimtune.combine`). Mixtures of DoRA adapters
+are refused: a DoRA update is not linear in its low-rank term.
+
 Deliberately left out: training several adapters at once, and merging (merge one adapter with
 `slimtune.api.merge_run` on its own directory); `merge_lora` and friends skip adapters held here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +49,40 @@ from slimtune.methods.lora import DoRALinear, LoRALinear, _set_submodule, patter
 from slimtune.methods.targets import linear_layers
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """A weighted mixture of adapters for one row: ((name, weight), ...), in the order written."""
+
+    parts: tuple[tuple[str, float], ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.parts]
+
+    def __str__(self) -> str:
+        return "+".join(f"{name}:{weight:g}" for name, weight in self.parts)
+
+
+def parse_mixture(text: str) -> Mixture:
+    """'extract:0.7+docs:0.3' -> Mixture((('extract', 0.7), ('docs', 0.3))); a part without ':w' weighs 1."""
+    parts: list[tuple[str, float]] = []
+    for part in text.split("+"):
+        name, sep, weight_text = part.strip().partition(":")
+        try:
+            weight = float(weight_text) if sep else 1.0
+        except ValueError:
+            weight = math.nan
+        if not name or not math.isfinite(weight):
+            raise AdapterError(f"mixture {text!r}: write NAME:WEIGHT parts joined by '+', e.g. extract:0.7+docs:0.3")
+        if name in dict(parts):
+            raise AdapterError(f"mixture {text!r} names '{name}' twice: give each adapter one weight")
+        parts.append((name, weight))
+    return Mixture(tuple(parts))
+
+
+RowEntry = str | Mixture | None  # an adapter, a mixture of adapters, or None: the base model
+
+
 class RowGroups:
     """Which batch rows use which adapter: built once per `per_row` block, shared by every layer.
 
@@ -50,14 +92,15 @@ class RowGroups:
     per-row column scales (cached: the layers of one model share few column layouts).
     """
 
-    def __init__(self, names: Sequence[str | None], device: torch.device) -> None:
+    def __init__(self, names: Sequence[RowEntry], device: torch.device) -> None:
         self.names = list(names)
         self.rows = len(names)
         self.device = device
         distinct = list(dict.fromkeys(names))
-        self.mixed = len(distinct) > 1
-        self.uniform: str | None = distinct[0] if len(distinct) == 1 else None
-        self.groups: dict[str, torch.Tensor] = {
+        # A batch with a mixture always takes the mixed paths: no single adapter runs it.
+        self.mixed = len(distinct) > 1 or any(isinstance(n, Mixture) for n in distinct)
+        self.uniform: str | None = distinct[0] if len(distinct) == 1 and not self.mixed else None
+        self.groups: dict[str | Mixture, torch.Tensor] = {
             name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
             for name in distinct if name is not None
         } if self.mixed else {}
@@ -68,8 +111,20 @@ class RowGroups:
         scales = self._scales.get(stack.layout)
         if scales is None:
             position = {name: i for i, name in enumerate(stack.names)}
-            index = torch.tensor([position.get(n, len(stack.names)) for n in self.names], device=stack.table.device)
-            scales = self._scales[stack.layout] = stack.table[index]
+            if any(isinstance(n, Mixture) for n in self.names):
+                # Each row's weights over the stack's adapters (rows, adapters + 1), times the table: a
+                # plain row has one weight 1, a mixture row its weights (parts this layer lacks drop out).
+                mixing = torch.zeros(self.rows, len(stack.names) + 1, dtype=stack.table.dtype)
+                for row, entry in enumerate(self.names):
+                    parts = entry.parts if isinstance(entry, Mixture) else ((entry, 1.0),) if entry else ()
+                    for name, weight in parts:
+                        if name in position:
+                            mixing[row, position[name]] = weight
+                scales = mixing.to(stack.table.device) @ stack.table
+            else:
+                index = torch.tensor([position.get(n, len(stack.names)) for n in self.names], device=stack.table.device)
+                scales = stack.table[index]
+            self._scales[stack.layout] = scales
         return scales
 
 
@@ -140,9 +195,12 @@ class MultiAdapterLinear(nn.Module):
             hidden = (x.to(stack.A.dtype) @ stack.A.T) * scales  # (rows, ..., R)
             return out + (hidden @ stack.B.T).to(out.dtype)
         result = out.clone()
-        for name, rows in groups.groups.items():
-            if name in self.adapters:
-                result[rows] = out[rows] + self.adapters[name].update(x[rows], out[rows])
+        for entry, rows in groups.groups.items():
+            parts = entry.parts if isinstance(entry, Mixture) else ((entry, 1.0),)
+            for name, weight in parts:
+                if name in self.adapters:
+                    update = self.adapters[name].update(x[rows], out[rows])
+                    result[rows] += update if weight == 1.0 else weight * update
         return result
 
 
@@ -153,6 +211,7 @@ class AdapterSet:
         self.model = model
         self.base_layers = linear_layers(model)  # path -> nn.Linear, recorded before any wrapping
         self.names: list[str] = []
+        self.dora: set[str] = set()  # DoRA adapters: never part of a mixture
         self.active: str | None = None
         for param in model.parameters():
             param.requires_grad_(False)
@@ -191,6 +250,8 @@ class AdapterSet:
                 _set_submodule(self.model, path, multi[path])
             multi[path].add(name, layer)
         self.names.append(name)
+        if config.get("use_dora"):
+            self.dora.add(name)
 
     def set_active(self, name: str | None) -> None:
         """Make `name` the adapter every row uses; None runs the base model."""
@@ -210,10 +271,23 @@ class AdapterSet:
         finally:
             self.set_active(previous)
 
+    def check_mixture(self, mixture: Mixture) -> None:
+        """Raise unless every part of `mixture` is a loaded LoRA (not DoRA) adapter."""
+        unknown = [n for n in mixture.names if n not in self.names]
+        if unknown:
+            raise AdapterError(f"mixture '{mixture}' names unknown adapters {unknown}: loaded are "
+                               f"{', '.join(self.names) or '(none)'}")
+        dora = [n for n in mixture.names if n in self.dora]
+        if dora:
+            raise AdapterError(f"mixture '{mixture}' holds DoRA adapters {dora}: a DoRA update is not linear in its "
+                               "low-rank term, so only LoRA adapters mix; request them one by one")
+
     @contextmanager
-    def per_row(self, names: Sequence[str | None]) -> Iterator[None]:
-        """Row i of every batch inside the block uses adapter names[i] (None: the base model)."""
-        unknown = sorted({n for n in names if n is not None and n not in self.names})
+    def per_row(self, names: Sequence[RowEntry]) -> Iterator[None]:
+        """Row i of every batch inside the block uses names[i]: an adapter, a `Mixture`, or None (the base)."""
+        for mixture in {n for n in names if isinstance(n, Mixture)}:
+            self.check_mixture(mixture)
+        unknown = sorted({n for n in names if isinstance(n, str) and n not in self.names})
         if unknown:
             raise AdapterError(f"per_row names unknown adapters {unknown}: loaded are {', '.join(self.names) or '(none)'}")
         layers = list(self._multi_layers().values())
@@ -236,5 +310,6 @@ class AdapterSet:
             if not len(layer.adapters):
                 _set_submodule(self.model, path, layer.base_layer)
         self.names.remove(name)
+        self.dora.discard(name)
         if self.active == name:
             self.set_active(None)

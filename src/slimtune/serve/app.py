@@ -23,14 +23,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimtune.data.render import ChatRenderer
+from slimtune.errors import AdapterError
+from slimtune.methods.multi import Mixture, RowEntry, parse_mixture
+from slimtune.routing import prompt_text
 from slimtune.serve import schemas
 from slimtune.serve.engine import Delta, Engine, Event, Failed, Finished, Generation
 from slimtune.serve.errors import APIError, FaultBoundary, error_body
 from slimtune.serve.registry import AdapterRegistry
+from slimtune.serve.route import ServeRouter
 from slimtune.serve.sampling import SamplingParams
 from slimtune.serve.security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, ServeLimits
 
 log = logging.getLogger("slimtune.serve")
+AUTO = object()  # `adapter_for`'s answer for the route name: the router picks once the prompt is known
 
 
 @dataclass
@@ -45,16 +50,45 @@ class ServerState:
     context_length: int
     created: int = field(default_factory=lambda: int(time.time()))
     inflight: int = 0
+    router: ServeRouter | None = None  # `model: "auto"` (router.name): the adapter closest to the prompt
 
-    def adapter_for(self, model: str) -> str | None:
-        """The adapter a request's `model` names (None: the base model), or 404."""
+    async def routed(self, adapter: RowEntry | object, model: str, text: str) -> tuple[RowEntry, str]:
+        """(adapter, model name to report): the router's pick when `adapter` is AUTO, else unchanged."""
+        if adapter is not AUTO:
+            return adapter, model
+        chosen = await asyncio.wrap_future(self.engine.call(lambda: self.router.pick(text)))
+        return chosen.name, chosen.name or self.base_name
+
+    def adapter_for(self, model: str) -> RowEntry:
+        """The adapter a request's `model` names (None: the base model), a `Mixture` for a weighted mixture of
+        loaded adapters ('extract:0.7+docs:0.3'), or 404."""
         if model == self.base_name:
             return None
         if model in self.registry.paths:
             return model
+        if self.router is not None and model == self.router.name:
+            return AUTO
+        if "+" in model or ":" in model:
+            return self.mixture_for(model)
         offered = ", ".join([self.base_name, *self.registry.paths])
         raise APIError(404, f"model {model!r} does not exist: this server offers {offered}", param="model",
                        code="model_not_found")
+
+    def mixture_for(self, model: str) -> Mixture:
+        """The mixture `model` writes, after checking it: 400 for bad syntax or DoRA parts, 404 for unknown names."""
+        try:
+            mixture = parse_mixture(model)
+        except AdapterError as exc:
+            raise APIError(400, str(exc), param="model") from None
+        unknown = [name for name in mixture.names if name not in self.registry.paths]
+        if unknown:
+            raise APIError(404, f"mixture {model!r} names adapters that are not loaded: {', '.join(unknown)}; loaded: "
+                                f"{', '.join(self.registry.paths) or '(none)'}", param="model", code="model_not_found")
+        try:
+            self.registry.adapters.check_mixture(mixture)
+        except AdapterError as exc:
+            raise APIError(400, str(exc), param="model") from None
+        return mixture
 
     def sampling(self, body: schemas._Sampling, longest_prompt: int, prompt_param: str) -> SamplingParams:
         """The request's generation settings, checked against the server's limits and the model's context."""
@@ -98,7 +132,7 @@ class ServerState:
 class Submission:
     """The prompts of one request, queued on the engine; `events()` yields what the engine sends back."""
 
-    def __init__(self, state: ServerState, prompts: list[list[int]], adapter: str | None, params: SamplingParams
+    def __init__(self, state: ServerState, prompts: list[list[int]], adapter: RowEntry, params: SamplingParams
                  ) -> None:
         if state.inflight + len(prompts) > state.limits.max_concurrent:
             raise APIError(429, f"the server is busy ({state.inflight} prompts in flight, limit "
@@ -229,9 +263,11 @@ def create_app(state: ServerState, api_key: str | None = None, allowed_hosts: fr
                 "parent": parent}
 
     def model_cards() -> list[dict]:
+        routed = [model_card(state.router.name, state.base_name, state.base_name)] if (
+            state.router and state.router.offered()) else []
         return [model_card(state.base_name, None, state.base_name), *(
             model_card(name, state.base_name, str(path.relative_to(state.registry.root)))
-            for name, path in state.registry.paths.items())]
+            for name, path in state.registry.paths.items()), *routed]
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -240,27 +276,33 @@ def create_app(state: ServerState, api_key: str | None = None, allowed_hosts: fr
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict:
         state.adapter_for(model_id)  # 404 for an unknown name
-        return next(card for card in model_cards() if card["id"] == model_id)
+        card = next((card for card in model_cards() if card["id"] == model_id), None)
+        if card is None:  # a mixture: valid to request, but not a model of its own
+            raise APIError(404, f"{model_id!r} is a mixture of adapters, not a listed model", param="model",
+                           code="model_not_found")
+        return card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest):
         adapter = state.adapter_for(body.model)
-        prompt = ChatRenderer(state.tokenizer).encode_prompt(body.conversation())  # as `slimtune generate` does
+        conversation = body.conversation()
+        prompt = ChatRenderer(state.tokenizer).encode_prompt(conversation)  # as `slimtune generate` does
         params = state.sampling(body, len(prompt), "messages")
+        adapter, model = await state.routed(adapter, body.model, prompt_text(conversation))
         submission = Submission(state, [prompt], adapter, params)
         request_id = schemas.new_id("chatcmpl")
         if not body.stream:
             texts, reasons, completion = await _collect(submission)
-            return schemas.chat_completion(request_id, body.model, texts, reasons,
+            return schemas.chat_completion(request_id, model, texts, reasons,
                                            schemas.usage(submission.prompt_tokens, completion))
         created = int(time.time())
 
         def chunk(index: int, text: str | None, reason: str | None) -> dict:
             delta = {} if text is None else {"content": text}
-            return schemas.chat_chunk(request_id, body.model, created, index, delta, reason)
+            return schemas.chat_chunk(request_id, model, created, index, delta, reason)
 
-        opening = [schemas.chat_chunk(request_id, body.model, created, 0, {"role": "assistant", "content": ""}, None)]
-        return StreamingResponse(_stream(submission, chunk, opening, _usage_chunk(body, submission, request_id,
+        opening = [schemas.chat_chunk(request_id, model, created, 0, {"role": "assistant", "content": ""}, None)]
+        return StreamingResponse(_stream(submission, chunk, opening, _usage_chunk(body, model, submission, request_id,
                                                                                  "chat.completion.chunk", created)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -269,24 +311,30 @@ def create_app(state: ServerState, api_key: str | None = None, allowed_hosts: fr
         adapter = state.adapter_for(body.model)
         prompts = _completion_prompts(body.prompt, state.tokenizer)
         params = state.sampling(body, max(len(p) for p in prompts), "prompt")
+        # Several prompts share one adapter: a routed request goes where its first prompt points.
+        adapter, model = await state.routed(adapter, body.model, state.tokenizer.decode(prompts[0],
+                                                                                        skip_special_tokens=True))
         submission = Submission(state, prompts, adapter, params)
         request_id = schemas.new_id("cmpl")
         if not body.stream:
             texts, reasons, completion = await _collect(submission)
-            return schemas.text_completion(request_id, body.model, texts, reasons,
+            return schemas.text_completion(request_id, model, texts, reasons,
                                            schemas.usage(submission.prompt_tokens, completion))
         created = int(time.time())
 
         def chunk(index: int, text: str | None, reason: str | None) -> dict:
-            return schemas.text_chunk(request_id, body.model, created, index, text or "", reason)
+            return schemas.text_chunk(request_id, model, created, index, text or "", reason)
 
-        return StreamingResponse(_stream(submission, chunk, [], _usage_chunk(body, submission, request_id,
+        return StreamingResponse(_stream(submission, chunk, [], _usage_chunk(body, model, submission, request_id,
                                                                              "text_completion", created)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: schemas.LoadAdapterRequest) -> dict:
         registry = state.registry
+        if state.router is not None and body.lora_name == state.router.name:
+            raise APIError(400, f"'{body.lora_name}' is this server's routing name: choose another adapter name",
+                           param="lora_name")
         path = await asyncio.wrap_future(state.engine.call(lambda: registry.load(body.lora_name, body.lora_path)))
         log.info("loaded adapter '%s' from %s", body.lora_name, path)
         return {"object": "lora_adapter", "id": body.lora_name, "parent": state.base_name,
@@ -303,12 +351,12 @@ def create_app(state: ServerState, api_key: str | None = None, allowed_hosts: fr
     return app
 
 
-def _usage_chunk(body: schemas._Sampling, submission: Submission, request_id: str, obj: str, created: int
+def _usage_chunk(body: schemas._Sampling, model: str, submission: Submission, request_id: str, obj: str, created: int
                  ) -> Callable[[int], dict] | None:
     """With `stream_options.include_usage`, the builder of a stream's closing usage chunk."""
     if not (body.stream_options and body.stream_options.include_usage):
         return None
-    return lambda completion: schemas.usage_chunk(request_id, body.model, created, obj,
+    return lambda completion: schemas.usage_chunk(request_id, model, created, obj,
                                                   schemas.usage(submission.prompt_tokens, completion))
 
 

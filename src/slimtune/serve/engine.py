@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from slimtune.methods.multi import AdapterSet
+from slimtune.methods.multi import AdapterSet, Mixture, RowEntry
 from slimtune.serve.detokenize import TextStream
 from slimtune.serve.errors import APIError, new_fault_id, server_fault
 from slimtune.serve.kvbatch import DecodeBatch, check_servable, new_cache, prefill_inputs
@@ -71,10 +71,10 @@ Event = Delta | Finished | Failed
 class Generation:
     """One prompt to complete: what it asks for, where its events go, and its decoding state."""
 
-    def __init__(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
+    def __init__(self, prompt_ids: list[int], adapter: RowEntry, params: SamplingParams,
                  sink: Callable[[Event], None], index: int = 0) -> None:
         self.prompt_ids = prompt_ids
-        self.adapter = adapter  # None: the base model
+        self.adapter = adapter  # an adapter's name, a Mixture of adapters, or None: the base model
         self.params = params
         self.sink = sink
         self.index = index
@@ -121,6 +121,13 @@ def _logged_fault(stage: str) -> APIError:
     fault_id = new_fault_id()
     log.exception("%s failed (request id %s)", stage, fault_id)
     return server_fault(fault_id, "generation failed")
+
+
+def _adapter_names(entry: RowEntry) -> list[str]:
+    """The adapters a request's entry uses."""
+    if isinstance(entry, Mixture):
+        return entry.names
+    return [] if entry is None else [entry]
 
 
 class Engine:
@@ -175,8 +182,8 @@ class Engine:
     # --- the engine thread ---------------------------------------------------------------------------
 
     def users(self, adapter: str) -> int:
-        """How many queued or running requests use `adapter` (call on the engine thread)."""
-        return sum(g.adapter == adapter and not g.cancelled for g in (*self._pending, *self._rows))
+        """How many queued or running requests use `adapter`, alone or in a mixture (call on the engine thread)."""
+        return sum(adapter in _adapter_names(g.adapter) and not g.cancelled for g in (*self._pending, *self._rows))
 
     def _loop(self) -> None:
         while self._take_work(block=not (self._rows or self._pending)):
@@ -225,10 +232,11 @@ class Engine:
             if generation.cancelled:
                 self._pending.popleft()
                 continue
-            if generation.adapter is not None and generation.adapter not in self.adapters.names:
+            gone = [name for name in _adapter_names(generation.adapter) if name not in self.adapters.names]
+            if gone:
                 self._pending.popleft()  # unloaded while the request waited
                 generation.send(Failed(generation.index, APIError(
-                    404, f"adapter '{generation.adapter}' was unloaded before this request started", param="model",
+                    404, f"adapter '{gone[0]}' was unloaded before this request started", param="model",
                     code="model_not_found")))
                 continue
             if group and tokens + len(generation.prompt_ids) > self.prefill_tokens:

@@ -25,6 +25,7 @@ from slimtune.serve.app import ServerState, create_app
 from slimtune.serve.engine import Engine
 from slimtune.serve.errors import APIError
 from slimtune.serve.registry import AdapterRegistry
+from slimtune.serve.route import ServeRouter
 from slimtune.serve.security import ServeLimits, confine_adapter_dir, loopback_hosts
 from slimtune.train.precision import resolve_device
 
@@ -66,13 +67,16 @@ def trained_on_nf4(adapters: dict[str, str], root: Path) -> bool:
 
 def build_app(model: str | None = None, adapters: dict[str, str] | None = None, adapter_root: str | Path | None = None,
               api_key: str | None = None, limits: ServeLimits | None = None, device: str = "auto",
-              quantize: str = "auto", allowed_hosts: frozenset[str] | None = None):
+              quantize: str = "auto", allowed_hosts: frozenset[str] | None = None,
+              route_name: str | None = "auto", route_threshold: float | None = None):
     """The FastAPI app serving `model` with `adapters` (name -> run directory inside `adapter_root`,
     default: the working directory). The engine thread starts and stops with the app. With
     `allowed_hosts`, requests with any other Host header are refused (403).
 
     `quantize`: 'nf4' freezes the base's linear layers in NF4 (the base QLoRA adapters were trained on),
-    'none' keeps them as loaded, 'auto' picks nf4 when every startup adapter is a QLoRA run."""
+    'none' keeps them as loaded, 'auto' picks nf4 when every startup adapter is a QLoRA run.
+    `route_name` (None: no routing) is the model name that routes each request to the closest adapter
+    (slimtune.routing); `route_threshold` overrides each signature's own threshold."""
     adapters = dict(adapters or {})
     limits = limits or ServeLimits()
     root = Path(adapter_root if adapter_root is not None else Path.cwd()).expanduser()
@@ -100,6 +104,10 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
         raise SlimtuneError(f"cannot serve '{base_name}': {exc}") from None
     context = int(getattr(base.config, "max_position_embeddings", 0) or limits.max_prompt_tokens + limits.max_tokens)
     state = ServerState(engine, registry, tokenizer, base_name, limits, context)
+    if route_name:
+        if route_name in (base_name, *adapters):
+            raise SlimtuneError(f"--route-name {route_name!r} is also the name of a served model: choose another")
+        state.router = ServeRouter(route_name, registry, base, tokenizer, route_threshold)
     return create_app(state, api_key, allowed_hosts)
 
 
@@ -131,7 +139,8 @@ def _is_loopback(host: str) -> bool:
 def serve(model: str | None = None, adapters: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, adapter_root: str | Path | None = None, limits: ServeLimits | None = None,
           device: str = "auto", console: Console | None = None, quantize: str = "auto",
-          allow_hosts: tuple[str, ...] = ()) -> None:
+          allow_hosts: tuple[str, ...] = (), route_name: str | None = "auto",
+          route_threshold: float | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM, which finish the open responses (up to 30 s) and return.
 
     On a loopback address only requests whose Host header names localhost, 127.0.0.1, [::1] or one of
@@ -141,7 +150,8 @@ def serve(model: str | None = None, adapters: dict[str, str] | None = None, host
     console = console or Console(stderr=True)
     sock = bind(host, port)  # before loading the model: a taken port fails in a second, not after the load
     allowed = loopback_hosts(sock.getsockname()[1], allow_hosts) if _is_loopback(host) else None
-    app = build_app(model, adapters, adapter_root, api_key, limits, device, quantize, allowed)
+    app = build_app(model, adapters, adapter_root, api_key, limits, device, quantize, allowed, route_name,
+                    route_threshold)
     state: ServerState = app.state.server
     listen = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}/v1"
     offered = ", ".join([state.base_name, *state.registry.paths])
