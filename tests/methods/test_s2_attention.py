@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from slimtune.errors import AdapterError
-from slimtune.train.s2_attention import RealMask, family_problem, s2_attention, shifted_sparse_attention
+from slimtune.methods.s2_attention import RealMask, family_problem, s2_attention, shifted_sparse_attention
 
 NAIVE = "slimtune_test_naive_s2"
 
