@@ -158,3 +158,19 @@ def test_a_run_trains_with_s2_attention_and_evaluates_with_full_attention(tmp_pa
     reference, _ = evaluate_model(base.eval(), tokenizer, load_dataset(data_file, tokenizer, "auto", 1024), 0, 8, 8)
     assert result["base"]["loss"] == pytest.approx(reference["loss"], abs=1e-6), "the base row is the untouched base"
     assert abs(result["tuned"]["loss"] - reference["loss"]) > 1e-4, "the tuned row must differ from the base"
+
+
+def test_an_unsupported_family_is_refused_in_the_check_stage(tmp_path, data_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from slimtune.api import check_run
+
+    tokenizer = make_tiny_tokenizer()
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    cfg = longlora_config(path, tmp_path / "run", data=data_file)
+    with pytest.raises(ConfigError, match="supports the model families llama, mistral, qwen2, qwen3, gemma3_text; "
+                                          "this model is 'gpt2'"):
+        check_run(cfg, Console(quiet=True))
+    assert not (tmp_path / "run").exists(), "nothing is written when the check fails"
