@@ -15,6 +15,7 @@ The issue's full setting (16k context, rows of 16384 tokens, perplexity at 4k/8k
     python bench/longlora.py --phase quality --context 16384 --train-length 16384 --steps 200 \\
         --lengths 4096,8192,16384 --passkey-length 16384
     python bench/longlora.py --phase cost --length 16384
+    python bench/longlora.py --phase cost --attention-only --length 16384   # the attention op alone
 Results: JSON and a markdown table in --out (default bench/results/), plot longlora_ppl.png.
 """
 
@@ -176,10 +177,38 @@ def one_step(args) -> None:
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
 
 
+def attention_step(args) -> None:
+    """In its own process: S2-Attn or causal SDPA alone on SmolLM2-135M's attention shape (9 heads, 3 KV
+    heads, dim 64, bf16) at --length tokens, forward + backward; prints JSON."""
+    import torch
+    import torch.nn.functional as F
+
+    from slimtune.methods.s2_attention import RealMask, shifted_sparse_attention
+    from transformers.masking_utils import causal_mask_function
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, 9, args.length, 64)
+    query = torch.randn(shape, generator=generator).bfloat16().requires_grad_(True)
+    key, value = (torch.randn((1, 3, args.length, 64), generator=generator).bfloat16().requires_grad_(True)
+                  for _ in range(2))
+    for _ in range(args.repeat):
+        started = time.perf_counter()
+        if args.attention == "s2":
+            mask = RealMask(causal_mask_function, None, 1, args.length, torch.device("cpu"))
+            out = shifted_sparse_attention(query, key, value, mask, 0.25)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+        out.float().square().mean().backward()
+        seconds = time.perf_counter() - started
+    print(json.dumps({"attention": args.attention, "length": args.length, "step_s": round(seconds, 2),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+
+
 def cost(args) -> dict:
     results = {}
     for attention in ("s2", "full"):
-        command = [sys.executable, __file__, "--phase", "step", "--attention", attention, "--length", str(args.length),
+        phase = "attention-step" if args.attention_only else "step"
+        command = [sys.executable, __file__, "--phase", phase, "--attention", attention, "--length", str(args.length),
                    "--context", str(args.context), "--repeat", str(args.repeat)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[attention] = json.loads(output.strip().splitlines()[-1])
@@ -188,13 +217,15 @@ def cost(args) -> dict:
     results["ratio_peak_rss"] = round(results["s2"]["peak_rss_mb"] / results["full"]["peak_rss_mb"], 3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"longlora_cost_{args.length}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / f"longlora_cost_{'attention_' if args.attention_only else ''}{args.length}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phase", choices=["quality", "cost", "step"], required=True)
+    parser.add_argument("--phase", choices=["quality", "cost", "step", "attention-step"], required=True)
+    parser.add_argument("--attention-only", action="store_true", help="cost phase: the attention op alone, not a "
+                        "whole model step")
     parser.add_argument("--context", type=int, default=16384, help="longlora.context (RoPE factor ceil(context/8192))")
     parser.add_argument("--train-length", type=int, default=16384, help="tokens per training row")
     parser.add_argument("--steps", type=int, default=200, help="training steps (batch 1) per trained model")
@@ -208,7 +239,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="cost phase: steps per process (the last is timed)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
-    {"quality": quality, "cost": cost, "step": one_step}[args.phase](args)
+    {"quality": quality, "cost": cost, "step": one_step, "attention-step": attention_step}[args.phase](args)
 
 
 if __name__ == "__main__":
