@@ -141,9 +141,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _fits_method(self) -> "Config":
         """Checks across sections, every problem at once (one line each)."""
-        default_length = self.plugin.default_max_length(self)
-        if default_length is not None and "max_length" not in self.data.model_fields_set:
-            self.data.max_length = default_length
+        self.plugin.apply_defaults(self)
         problems = (self._unread_keys() + self._quantize_problems() + self._optimizer_problems()
                     + self.plugin.config_problems(self))
         if problems:

@@ -56,6 +56,10 @@ def test_config_context_sets_max_length_and_problems_are_named(tmp_path):
     cfg = longlora_config("m", tmp_path)
     assert cfg.data.max_length == 1024, "data.max_length follows longlora.context when unset"
     assert cfg.longlora.group_ratio == 0.25 and cfg.longlora.trainable == ["embed", "norm"]
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.targets) == (8, 16.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    again = build_config(cfg.to_yaml_dict())  # what config.yaml reads back as (resume, eval, load)
+    assert again == cfg, "the saved config must read back as the same config"
+    assert build_config({**cfg.to_yaml_dict(), "lora": {"r": 4}}).lora.r == 4, "a set key wins"
     with pytest.raises(ConfigError, match="method: longlora needs longlora.context"):
         build_config({"method": "longlora", "data": {"train": "x.jsonl"}})
     with pytest.raises(ConfigError, match="data.max_length 4096 exceeds longlora.context 1024"):

@@ -109,9 +109,10 @@ class Method:
         """Problems across the method's settings and the rest of the config, one line each (no model)."""
         return []
 
-    def default_max_length(self, cfg: Config) -> int | None:
-        """data.max_length when the config leaves it unset (LongLoRA: its target context); None = the default."""
-        return None
+    def apply_defaults(self, cfg: Config) -> None:
+        """Fill keys the user left unset with this method's own defaults (LongLoRA: data.max_length = its
+        context, the paper's LoRA rank). Runs while the config is validated, so the saved config.yaml holds
+        the values the run used and reads back as the same config."""
 
     def check(self, cfg: Config, skeleton: nn.Module, steps: int, console: Console) -> list[str]:
         """Problems with this method on `skeleton` (the model on the meta device) for a run of `steps`

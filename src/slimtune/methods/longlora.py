@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from slimtune.config import Config
 
 MODEL_CONFIG = "config.json"  # the model config with the scaled RoPE, beside the adapter
-# The paper's LoRA settings, used where the run's lora section leaves them unset.
+# The paper's LoRA settings, filled in where the run's lora section leaves them unset (apply_defaults).
 PAPER_LORA = {"r": 8, "alpha": 16.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
@@ -205,8 +205,12 @@ class LongLoRA(Method):
     run_files = (CONFIG_NAME, WEIGHTS_NAME, MODEL_CONFIG)
     weights_files = (WEIGHTS_NAME,)
 
-    def default_max_length(self, cfg: Config) -> int | None:
-        return cfg.longlora.context
+    def apply_defaults(self, cfg: Config) -> None:
+        if cfg.longlora.context is not None and "max_length" not in cfg.data.model_fields_set:
+            cfg.data.max_length = cfg.longlora.context
+        for key, value in PAPER_LORA.items():
+            if key not in cfg.lora.model_fields_set:
+                setattr(cfg.lora, key, value)
 
     def config_problems(self, cfg: Config) -> list[str]:
         settings = cfg.longlora
@@ -222,9 +226,7 @@ class LongLoRA(Method):
         problem = family_problem(model.config)
         if problem:
             raise AdapterError(problem)
-        chosen = {key: PAPER_LORA[key] if key not in lora.model_fields_set else getattr(lora, key) for key in PAPER_LORA}
-        attach_lora(model, chosen["targets"], r=chosen["r"], alpha=chosen["alpha"], dropout=lora.dropout,
-                    rslora=lora.rslora)
+        attach_lora(model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora)
         trained = unfreeze_base_tensors(model, settings.trainable)
         originals = FrozenCopies.copies(model, trained)
         native = model.config.max_position_embeddings
