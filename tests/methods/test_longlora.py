@@ -60,8 +60,8 @@ def test_config_context_sets_max_length_and_problems_are_named(tmp_path):
     again = build_config(cfg.to_yaml_dict())  # what config.yaml reads back as (resume, eval, load)
     assert again == cfg, "the saved config must read back as the same config"
     assert build_config({**cfg.to_yaml_dict(), "lora": {"r": 4}}).lora.r == 4, "a set key wins"
-    with pytest.raises(ConfigError, match="method: longlora needs longlora.context"):
-        build_config({"method": "longlora", "data": {"train": "x.jsonl"}})
+    assert build_config({"method": "longlora", "data": {"train": "x.jsonl"}}).data.max_length == 1024, \
+        "without a context (twice the native one) data.max_length keeps its default"
     with pytest.raises(ConfigError, match="data.max_length 4096 exceeds longlora.context 1024"):
         build_config({"method": "longlora", "data": {"train": "x.jsonl", "max_length": 4096},
                       "longlora": {"context": 1024}})

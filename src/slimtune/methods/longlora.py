@@ -53,8 +53,9 @@ PAPER_LORA = {"r": 8, "alpha": 16.0, "targets": ["q_proj", "k_proj", "v_proj", "
 class LongLoraSettings(Section):
     """LongLoRA: target context, S2-Attn group size, and which base tensors train besides LoRA."""
 
-    context: int | None = Field(None, gt=0, description="Target context length in tokens (required), e.g. 16384. "
-                                "RoPE is interpolated by ceil(context / native context); data.max_length defaults to it.")
+    context: int | None = Field(None, gt=0, description="Target context length in tokens, e.g. 16384 (default: twice "
+                                "the model's native context). RoPE is interpolated by ceil(context / native context); "
+                                "data.max_length defaults to it when it is set.")
     group_ratio: float = Field(0.25, gt=0.0, le=1.0, description="S2-Attn group size as a fraction of the training "
                                "row length (the paper's 1/4); rounded up to an even number of tokens.")
     trainable: list[Literal["embed", "norm"]] = Field(
@@ -214,9 +215,7 @@ class LongLoRA(Method):
 
     def config_problems(self, cfg: Config) -> list[str]:
         settings = cfg.longlora
-        if settings.context is None:
-            return ["method: longlora needs longlora.context, the target context length in tokens (e.g. 16384)"]
-        if cfg.data.max_length > settings.context:
+        if settings.context is not None and cfg.data.max_length > settings.context:
             return [f"data.max_length {cfg.data.max_length} exceeds longlora.context {settings.context}: raise "
                     "longlora.context or lower data.max_length"]
         return []
@@ -230,10 +229,11 @@ class LongLoRA(Method):
         trained = unfreeze_base_tensors(model, settings.trainable)
         originals = FrozenCopies.copies(model, trained)
         native = model.config.max_position_embeddings
-        factor = interpolation_factor(model.config, settings.context)
+        context = settings.context or 2 * native  # unset: twice the native context
+        factor = interpolation_factor(model.config, context)
         rope = interpolate_positions(model, factor)
         if not quiet:
-            console.print(f"LongLoRA: context {settings.context} on a model of native context {native}: RoPE "
+            console.print(f"LongLoRA: context {context} on a model of native context {native}: RoPE "
                           f"interpolated by {factor}" + (" (none needed)" if factor == 1 else "")
                           + f"; S2-Attn groups of {settings.group_ratio:g} x the row length while training")
         return LongLoRAMethod(self.name, model, originals, rope, settings.group_ratio)
