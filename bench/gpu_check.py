@@ -138,13 +138,15 @@ def reference_model(run_dir: Path, model_dir: Path, quantized_base: bool):
     """(model, how) loaded from the run's files without slimtune's loaders, in fp32 on the CPU, or
     (None, reason) for files no independent loader reads."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if (run_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        how = "PEFT PeftModel.from_pretrained"
+        # A run that changes the base's config (LongLoRA's interpolated RoPE) ships it as config.json.
+        config = {"config": AutoConfig.from_pretrained(run_dir)} if (run_dir / "config.json").is_file() else {}
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **config)
+        how = "PEFT PeftModel.from_pretrained" + (" (base with the run's config.json)" if config else "")
         if quantized_base:
             # the base the adapter was trained on; the quantizer itself is checked against bitsandbytes below
             from slimtune.quant import dequantize_model, quantize_model

@@ -77,8 +77,29 @@ def target_modules_for(model: nn.Module, paths: list[str]) -> list[str]:
     return names if selected == set(paths) else sorted(paths)
 
 
-def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dropout: float = 0.0) -> Path:
-    """Write the model's LoRA adapter to `out_dir` in PEFT's format; returns the weights path."""
+def module_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """Paths of the modules PEFT's `modules_to_save` entry names select: the path equals a name or ends
+    with '.<name>'."""
+    return [path for path, _ in model.named_modules()
+            if path and any(path == name or path.endswith("." + name) for name in names)]
+
+
+def modules_to_save_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Every parameter of the `modules_to_save` modules, keyed as PEFT's files key them
+    (`<module path>.<parameter>`; a tied tensor under each module that holds it)."""
+    tensors = {}
+    for path in module_paths(model, names):
+        for name, param in model.get_submodule(path).named_parameters():
+            tensors[f"{path}.{name}"] = param.detach()
+    return tensors
+
+
+def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dropout: float = 0.0,
+                      modules_to_save: list[str] | None = None) -> Path:
+    """Write the model's LoRA adapter to `out_dir` in PEFT's format; returns the weights path.
+
+    `modules_to_save` names whole modules stored beside the adapter (PEFT's option of that name: LongLoRA's
+    trained embeddings and norms), short names as PEFT matches them (`norm` selects `model.norm` only)."""
     layers = lora_layers(model)
     if not layers:
         raise AdapterError("the model has no LoRA layers to save")
@@ -96,19 +117,25 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
+    # Cloned: a tied tensor (embeddings and LM head) is stored under both names, and safetensors refuses
+    # two names for one storage.
+    tensors.update({PEFT_PREFIX + key: value.cpu().clone()
+                    for key, value in modules_to_save_tensors(model, modules_to_save or []).items()})
     config = lora_adapter_config(
         r=r, alpha=alpha, dropout=dropout, target_modules=target_modules_for(model, list(layers)), base_model=base_model,
         use_rslora=first.rslora, use_dora=isinstance(first, DoRALinear), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
+    config["modules_to_save"] = list(modules_to_save) if modules_to_save else None
     # Config first, weights last and renamed into place: a weights file is never half written, and
     # its presence is what marks a finished run.
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return save_safetensors_atomically(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    """Read and check `adapter_config.json`; errors name the file and the bad field."""
+def read_adapter_config(adapter_dir: str | Path, modules_to_save: bool = False) -> dict[str, Any]:
+    """Read and check `adapter_config.json`; errors name the file and the bad field. `modules_to_save`
+    accepts PEFT's option of that name (whole modules saved beside the adapter: a LongLoRA run)."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"'{adapter_dir}' has no {CONFIG_NAME}: point to a run directory or a PEFT adapter directory")
@@ -128,7 +155,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
             raise AdapterError(f"{path}: missing field '{key}'")
     unsupported = {
         key: config[key]
-        for key in ("fan_in_fan_out", "modules_to_save", "layers_to_transform", "layer_replication", "exclude_modules",
+        for key in ("fan_in_fan_out", *(() if modules_to_save else ("modules_to_save",)), "layers_to_transform", "layer_replication", "exclude_modules",
                     "target_parameters", "trainable_token_indices")
         if config.get(key)
     }
@@ -141,6 +168,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
             raise AdapterError(f"{path}: '{key}' must be a mapping of module pattern -> value, got {config[key]!r}")
     if config.get("lora_bias"):
         unsupported["lora_bias"] = config["lora_bias"]
+    if "modules_to_save" in unsupported:
+        raise AdapterError(f"{path}: modules_to_save {config['modules_to_save']}: a LongLoRA run (LoRA plus trained "
+                           "embeddings/norms and interpolated RoPE) cannot share a base with other adapters; load the "
+                           "run itself, or merge it (slimtune merge RUN OUT) and serve OUT with --model")
     if unsupported:
         raise AdapterError(f"{path}: options not supported yet: {unsupported}")
     _check_field_types(path, config, rank_key)
@@ -192,12 +223,14 @@ def _require_keys(weights: Path, expected: set[str], loaded: dict[str, torch.Ten
 
 
 def read_lora_adapter(
-    model: nn.Module, adapter_dir: str | Path, layers: dict[str, nn.Linear] | None = None
+    model: nn.Module, adapter_dir: str | Path, layers: dict[str, nn.Linear] | None = None,
+    modules_to_save: bool = False,
 ) -> tuple[dict[str, Any], list[str], dict[str, torch.Tensor]]:
     """Read and check an adapter against `model` (or against `layers`, the base linear layers by path)
-    without changing anything: (config, adapted paths, tensors keyed `<path>.lora_A.weight` ...)."""
+    without changing anything: (config, adapted paths, tensors keyed `<path>.lora_A.weight` ...), with
+    `modules_to_save` also the saved whole modules' tensors (`<module path>.weight`)."""
     adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir)
+    config = read_adapter_config(adapter_dir, modules_to_save)
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         pickled = adapter_dir / "adapter_model.bin"
@@ -220,6 +253,8 @@ def read_lora_adapter(
         expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (layers[path].out_features, layer_r)
         if use_dora:
             expected[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = (layers[path].out_features,)
+    for key, tensor in modules_to_save_tensors(model, config.get("modules_to_save") or []).items():
+        expected[PEFT_PREFIX + key] = tuple(tensor.shape)
     # PEFT keeps the adapter name in memory ('.lora_A.default.weight') but not in files; accept both.
     loaded = {
         key.replace(".default.weight", ".weight").replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector"): value
@@ -237,16 +272,18 @@ def read_lora_adapter(
     return config, paths, {key[len(PEFT_PREFIX):]: value for key, value in loaded.items()}
 
 
-def load_lora_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
-    """Attach a LoRA adapter saved by slimtune or PEFT to a fresh base model; returns its config."""
-    config, _, loaded = read_lora_adapter(model, adapter_dir)
+def load_lora_adapter(model: nn.Module, adapter_dir: str | Path, modules_to_save: bool = False) -> dict[str, Any]:
+    """Attach a LoRA adapter saved by slimtune or PEFT to a fresh base model; returns its config. With
+    `modules_to_save`, the whole modules saved beside it (PEFT's option) are copied into the model too."""
+    config, _, loaded = read_lora_adapter(model, adapter_dir, modules_to_save=modules_to_save)
+    saved_modules = modules_to_save_tensors(model, config.get("modules_to_save") or [])
     r = int(config["r"])
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     attach_lora(model, config["target_modules"], r=r, alpha=float(config["lora_alpha"]),
                 rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")), rank_pattern=rank_pattern,
                 alpha_pattern=alpha_pattern)
     with torch.no_grad():
-        for key, target in lora_state_dict(model).items():
+        for key, target in {**lora_state_dict(model), **saved_modules}.items():
             target.copy_(loaded[key].to(target.dtype))
     return config
 

@@ -165,13 +165,30 @@ def evaluate(
         min=1, help="Token limit of each reply (default: the run's eval.max_new_tokens).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         min=1, help="Examples per batch (default: the run's eval.batch_size).")] = None,
+    lengths: Annotated[Optional[str], typer.Option(
+        help="Long-context evaluation instead: perplexity and passkey retrieval at these lengths, e.g. "
+        "2048,4096,8192,16384, on the long documents in --data (a text file, a directory of text files, or "
+        "JSONL rows with 'text').")] = None,
+    windows: Annotated[int, typer.Option(min=1, help="With --lengths: windows of each length to score.")] = 1,
+    passkeys: Annotated[int, typer.Option(min=0, help="With --lengths: passkey trials per length (0: none).")] = 1,
 ) -> None:
     """Base vs tuned on held-out data: loss, perplexity, exact match, ROUGE-L, BLEU.
 
-    Prints the metrics table and writes eval_report.md and eval_metrics.json into RUN_DIR.
+    Prints the metrics table and writes eval_report.md and eval_metrics.json into RUN_DIR; with --lengths,
+    length_eval.json and length_eval.png (perplexity against context length).
     """
     from slimtune.api import EVAL_METRICS, EVAL_REPORT, evaluate_run
     from slimtune.evaluate import format_metrics_table
+
+    if lengths is not None:
+        from slimtune.evaluate_lengths import (
+            LENGTH_PLOT, LENGTH_REPORT, evaluate_run_lengths, format_length_table, parse_lengths,
+        )
+
+        result = evaluate_run_lengths(run_dir, parse_lengths(lengths), data, windows, passkeys, console)
+        print(format_length_table(result))
+        console.print(f"wrote {escape(str(run_dir / LENGTH_REPORT))} and {LENGTH_PLOT}", highlight=False, soft_wrap=True)
+        return
 
     result = evaluate_run(run_dir, data, generations, max_new_tokens, batch_size, console)
     print(format_metrics_table(result["base"], result["tuned"]))

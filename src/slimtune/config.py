@@ -17,11 +17,12 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from slimtune.errors import ConfigError
 from slimtune.methods.adalora import AdaLoraSettings
 from slimtune.methods.freeze import FreezeSettings
+from slimtune.methods.longlora import LongLoraSettings
 from slimtune.methods.lora import LoraSettings
 from slimtune.section import Section as _Section
 
 # The sections that belong to methods (each defined in its method's module); a method reads some of them.
-METHOD_SECTIONS = ("lora", "adalora", "freeze")
+METHOD_SECTIONS = ("lora", "adalora", "freeze", "longlora")
 
 
 class DataSettings(_Section):
@@ -112,7 +113,8 @@ class Config(_Section):
     method: str = Field(
         "lora", description="Fine-tuning method: lora (lora.*), qlora (LoRA on a base frozen in 4-bit NF4), "
         "dora (LoRA with a learned magnitude), adalora (adalora.*: adaptive rank allocation), freeze (freeze.*: "
-        "train a chosen subset), full (every parameter).")
+        "train a chosen subset), full (every parameter), longlora (longlora.*: extend the context with S2-Attn and "
+        "interpolated RoPE).")
     quantize: Literal["none", "nf4"] = Field(
         "none", description="nf4: freeze the base's linear layers (not the LM head) in 4-bit NormalFloat with "
         "double quantization, block 64. A PEFT-style alias: method: lora with quantize: nf4 is method: qlora; "
@@ -124,6 +126,7 @@ class Config(_Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
     freeze: FreezeSettings = Field(default_factory=FreezeSettings)
+    longlora: LongLoraSettings = Field(default_factory=LongLoraSettings)
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -149,7 +152,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _fits_method(self) -> "Config":
         """Checks across sections, every problem at once (one line each)."""
-        problems = self._unread_keys() + self._quantize_problems()
+        self.plugin.apply_defaults(self)
+        problems = self._unread_keys() + self._quantize_problems() + self.plugin.config_problems(self)
         if problems:
             raise ValueError("\n  - ".join(problems))
         return self

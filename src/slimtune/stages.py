@@ -356,7 +356,7 @@ def finetune(cfg: Config, console: Console | None = None,
         if built.runtime.is_main:
             with reported_write_failures(f"the run config to '{cfg.output / RUN_CONFIG}'", "run the same command again"):
                 (cfg.output / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
-        with training_mode(built.model, cfg.train, console):
+        with training_mode(built.model, cfg.train, console), built.attached.training_patches():
             summary = run_training(
                 built.model, built.attached, train_set, cfg.train, checked.tokenizer.pad_token_id,
                 cfg.output / "metrics.jsonl", console, device=checked.device, precision=built.precision,

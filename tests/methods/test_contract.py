@@ -31,6 +31,7 @@ METHODS = {
                 "adalora": {"init_r": 4, "target_r": 2}},
     "freeze": {"method": "freeze", "freeze": {"last_layers": 1, "train_norms": True}},
     "full": {"method": "full"},
+    "longlora": {"method": "longlora", "longlora": {"context": 1024}, "lora": {"r": 4, "alpha": 8}},
 }
 
 

@@ -57,6 +57,12 @@ class AttachedMethod:
         """Restore what `state_tensors` returned (on resume)."""
 
     @contextmanager
+    def training_patches(self) -> Iterator[None]:
+        """Model changes that hold only while the loop trains (LongLoRA's S2-Attn), undone however the
+        block ends; evaluation, generation and saving never see them."""
+        yield
+
+    @contextmanager
     def base_view(self) -> Iterator[nn.Module]:
         """The base model inside the block: adapters off and every trained base tensor restored."""
         raise NotImplementedError(f"{type(self).__name__} has no base view")
@@ -103,6 +109,15 @@ class Method:
     weights_files: ClassVar[tuple[str, ...]] = ()  # written last: their presence marks a finished run
 
     # -- check: no weights -------------------------------------------------------------------------
+    def config_problems(self, cfg: Config) -> list[str]:
+        """Problems across the method's settings and the rest of the config, one line each (no model)."""
+        return []
+
+    def apply_defaults(self, cfg: Config) -> None:
+        """Fill keys the user left unset with this method's own defaults (LongLoRA: data.max_length = its
+        context, the paper's LoRA rank). Runs while the config is validated, so the saved config.yaml holds
+        the values the run used and reads back as the same config."""
+
     def check(self, cfg: Config, skeleton: nn.Module, steps: int, console: Console) -> list[str]:
         """Problems with this method on `skeleton` (the model on the meta device) for a run of `steps`
         optimizer steps, one line each. The default attaches the method to the skeleton."""

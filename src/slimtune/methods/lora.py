@@ -536,11 +536,12 @@ class LoRA(Method):
     def _adapter_config(self, run_dir: Path) -> dict[str, Any] | None:
         from slimtune.adapters import read_adapter_config
 
-        return read_adapter_config(run_dir) if (run_dir / CONFIG_NAME).is_file() else None
+        return read_adapter_config(run_dir, modules_to_save=True) if (run_dir / CONFIG_NAME).is_file() else None
 
     def recognises(self, run_dir: Path) -> bool:
         config = self._adapter_config(run_dir)
-        return config is not None and config["peft_type"] == "LORA" and bool(config.get("use_dora")) == self.use_dora
+        return (config is not None and config["peft_type"] == "LORA" and bool(config.get("use_dora")) == self.use_dora
+                and not config.get("modules_to_save"))
 
     def recorded_base(self, run_dir: Path) -> str | None:
         config = self._adapter_config(run_dir)

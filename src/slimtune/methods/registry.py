@@ -12,9 +12,11 @@ from slimtune.errors import AdapterError, ConfigError
 from slimtune.methods.adalora import AdaLoRA
 from slimtune.methods.base import Method
 from slimtune.methods.freeze import Freeze, Full
+from slimtune.methods.longlora import LongLoRA
 from slimtune.methods.lora import DoRA, LoRA, QLoRA
 
-METHODS: dict[str, Method] = {method.name: method for method in (LoRA(), QLoRA(), DoRA(), AdaLoRA(), Freeze(), Full())}
+METHODS: dict[str, Method] = {method.name: method for method in (LoRA(), QLoRA(), DoRA(), AdaLoRA(), Freeze(), Full(),
+                                                       LongLoRA())}
 
 
 def get_method(name: str) -> Method:
