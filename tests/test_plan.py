@@ -223,7 +223,7 @@ def test_plan_json_on_tiny_model(monkeypatch, capsys, tiny_model_dir):
                              "--length", "64")
     assert code == 0, err
     plan = json.loads(out)
-    assert set(plan["methods"]) == {"lora", "qlora", "dora", "adalora", "freeze", "full"}
+    assert set(plan["methods"]) == {"lora", "qlora", "dora", "adalora", "freeze", "full", "longlora"}
     assert all(entry["fit"]["fits"] for entry in plan["methods"].values())
     assert plan["recommendation"]["method"] == "lora"
     assert plan["time_per_epoch"]["seconds_per_epoch"] > 0
