@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,12 @@ def target_modules_for(model: nn.Module, paths: list[str]) -> list[str]:
     return names if selected == set(paths) else sorted(paths)
 
 
-def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dropout: float = 0.0) -> Path:
-    """Write the model's LoRA adapter to `out_dir` in PEFT's format; returns the weights path."""
+def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dropout: float = 0.0,
+                      modules_to_save: Sequence[str] = ()) -> Path:
+    """Write the model's LoRA adapter to `out_dir` in PEFT's format; returns the weights path.
+
+    `modules_to_save` (module paths) are saved whole, as PEFT saves its modules_to_save: their tensors
+    under `base_model.model.<path>.<name>` (vision parts trained fully, `methods/vision_lora.py`)."""
     layers = lora_layers(model)
     if not layers:
         raise AdapterError("the model has no LoRA layers to save")
@@ -94,12 +99,16 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dr
     first = next(iter(layers.values()))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
+    from slimtune.methods.vision_lora import full_state
+
+    state = {**lora_state_dict(model), **full_state(model, modules_to_save)}
+    tensors = {PEFT_PREFIX + key: value.detach().contiguous().cpu() for key, value in state.items()}
     config = lora_adapter_config(
         r=r, alpha=alpha, dropout=dropout, target_modules=target_modules_for(model, list(layers)), base_model=base_model,
         use_rslora=first.rslora, use_dora=isinstance(first, DoRALinear), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
+    config["modules_to_save"] = list(modules_to_save) or None
     # Config first, weights last and renamed into place: a weights file is never half written, and
     # its presence is what marks a finished run.
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -124,7 +133,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
             raise AdapterError(f"{path}: missing field '{key}'")
     unsupported = {
         key: config[key]
-        for key in ("fan_in_fan_out", "modules_to_save", "layers_to_transform", "layer_replication", "exclude_modules",
+        for key in ("fan_in_fan_out", "layers_to_transform", "layer_replication", "exclude_modules",
                     "target_parameters", "trainable_token_indices")
         if config.get(key)
     }
@@ -135,6 +144,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise AdapterError(f"{path}: '{key}' must be a mapping of module pattern -> value, got {config[key]!r}")
+    if not isinstance(config.get("modules_to_save") or [], list):
+        raise AdapterError(f"{path}: 'modules_to_save' must be a list of module paths, got {config['modules_to_save']!r}")
     if config.get("lora_bias"):
         unsupported["lora_bias"] = config["lora_bias"]
     if unsupported:
@@ -181,6 +192,7 @@ def read_lora_adapter(
         expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (layers[path].out_features, layer_r)
         if use_dora:
             expected[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = (layers[path].out_features,)
+    expected.update(_full_shapes(model, config.get("modules_to_save") or []))
     # PEFT keeps the adapter name in memory ('.lora_A.default.weight') but not in files; accept both.
     loaded = {
         key.replace(".default.weight", ".weight").replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector"): value
@@ -193,6 +205,17 @@ def read_lora_adapter(
     return config, paths, {key[len(PEFT_PREFIX):]: value for key, value in loaded.items()}
 
 
+def _full_shapes(model: nn.Module, roots: list[str]) -> dict[str, tuple[int, ...]]:
+    """The file keys and shapes of modules saved whole (PEFT's modules_to_save)."""
+    from slimtune.methods.vision_lora import full_state
+
+    try:
+        return {PEFT_PREFIX + key: tuple(value.shape) for key, value in full_state(model, roots).items()}
+    except AttributeError as exc:
+        raise AdapterError(f"adapter modules_to_save {roots} do not fit the base model ({exc}): was it trained on "
+                           "another base model?") from None
+
+
 def load_lora_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
     """Attach a LoRA adapter saved by slimtune or PEFT to a fresh base model; returns its config."""
     config, _, loaded = read_lora_adapter(model, adapter_dir)
@@ -201,8 +224,10 @@ def load_lora_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, An
     attach_lora(model, config["target_modules"], r=r, alpha=float(config["lora_alpha"]),
                 rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")), rank_pattern=rank_pattern,
                 alpha_pattern=alpha_pattern)
+    from slimtune.methods.vision_lora import full_state
+
     with torch.no_grad():
-        for key, target in lora_state_dict(model).items():
+        for key, target in {**lora_state_dict(model), **full_state(model, config.get("modules_to_save") or [])}.items():
             target.copy_(loaded[key].to(target.dtype))
     return config
 
@@ -263,6 +288,7 @@ def adalora_as_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], pa
     if unknown:
         raise AdapterError(f"{weights.parent / CONFIG_NAME}: rank_pattern names modules the adapter does not target, "
                            f"e.g. {unknown[:2]}; was it trained on another base model?")
+    expected.update(_full_shapes(model, config.get("modules_to_save") or []))
     # PEFT keeps the adapter name in memory ('.lora_A.default') but not in files; accept both.
     loaded = {re.sub(r"\.(lora_[ABE])\.default$", r".\1", key): value for key, value in tensors.items()}
     _require_keys(weights, {f"{PEFT_PREFIX}{path}.{name}" for path in paths for name in ("lora_A", "lora_E", "lora_B")},

@@ -17,6 +17,7 @@ from slimtune.errors import ConfigError
 from slimtune.methods.adalora import AdaLoraSettings
 from slimtune.methods.freeze import FreezeSettings
 from slimtune.methods.lora import LoraSettings
+from slimtune.models.vision import VisionSettings
 from slimtune.section import Section as _Section
 
 # The sections that belong to methods (each defined in its method's module); a method reads some of them.
@@ -32,6 +33,9 @@ class DataSettings(_Section):
         "auto", description="Row format; 'auto' detects it from the first row's keys."
     )
     max_length: int = Field(1024, gt=1, description="Examples are truncated to this many tokens.")
+    image_max_pixels: int = Field(768 * 768, gt=0, description="Vision-language models: images larger than this "
+                                  "many pixels (width x height) are scaled down, aspect ratio kept, before the "
+                                  "processor sees them.")
 
 
 class TrainSettings(_Section):
@@ -118,6 +122,7 @@ class Config(_Section):
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    vision: VisionSettings = Field(default_factory=VisionSettings)
 
     @field_validator("model")
     @classmethod

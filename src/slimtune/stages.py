@@ -38,6 +38,7 @@ from slimtune.models import load_model
 from slimtune.models.loader import load_tokenizer, resolve_model
 from slimtune.models.skeleton import build_skeleton
 from slimtune.models.streaming import load_quantized_model
+from slimtune.models.vision import processor_for, vision_problems
 from slimtune.runs import CHECKPOINTS, RUN_CONFIG, output_problems, prepare_output, resume_point
 from slimtune.train.checkpoint import Checkpoint
 from slimtune.train.fused import fuse_modules
@@ -110,18 +111,22 @@ def check_run(cfg: Config, console: Console | None = None) -> CheckedRun:
     started = time.perf_counter()
     method = cfg.plugin
     problems = tracker_problems(cfg.train.report_to) + _device_problems(cfg.train)
-    tokenizer = resolved = train_set = eval_set = skeleton = None
+    tokenizer = resolved = train_set = eval_set = skeleton = processor = None
     try:
         resolved = resolve_model(cfg.model)
         tokenizer = load_tokenizer(resolved, cfg.model)
+        processor = processor_for(resolved, cfg.model)
     except SlimtuneError as exc:
         problems.append(str(exc))
+    if resolved is not None:
+        problems += vision_problems(cfg, processor is not None)
     if tokenizer is not None:
         for split, path in (("train", cfg.data.train), ("eval", cfg.data.eval)):
             if path is None:
                 continue
             try:
-                loaded = load_dataset(path, tokenizer, cfg.data.format, cfg.data.max_length)
+                loaded = load_dataset(path, tokenizer, cfg.data.format, cfg.data.max_length, processor,
+                                      cfg.data.image_max_pixels)
             except SlimtuneError as exc:
                 problems.append(f"data.{split}: {exc}")
                 continue
