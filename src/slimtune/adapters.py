@@ -72,7 +72,9 @@ def target_modules_for(model: nn.Module, paths: list[str]) -> list[str]:
     names = short_names(paths)
     selected = {
         path for path, module in model.named_modules()
-        if isinstance(module, (nn.Linear, AdapterLayer)) and path.rsplit(".", 1)[-1] in names
+        # Every layer kind PEFT would adapt under that name (a vision model's patch embedding `proj` is a conv)
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, AdapterLayer))
+        and path.rsplit(".", 1)[-1] in names
     }
     return names if selected == set(paths) else sorted(paths)
 

@@ -74,16 +74,21 @@ def generate(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     system: Annotated[Optional[str], typer.Option(help="A system message to prepend.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        help="An image shown with the prompt (repeat for several); needs a vision-language model.")] = None,
 ) -> None:
     """Print the tuned model's reply to one prompt."""
     import torch
 
     from slimtune.api import generate as generate_reply
     from slimtune.api import load_run
+    from slimtune.models.vision import run_processor
 
     torch.manual_seed(seed)
+    processor = run_processor(run_dir)  # None for a text-only model (then an --image is refused)
     model, tokenizer = load_run(run_dir)
-    print(generate_reply(model, tokenizer, prompt, max_new_tokens, temperature, top_p, system))
+    print(generate_reply(model, tokenizer, prompt, max_new_tokens, temperature, top_p, system, images=image or (),
+                         processor=processor))
 
 
 @app.command("eval")
@@ -116,13 +121,19 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        help="An image shown with the first message (repeat for several); needs a vision-language model.")] = None,
 ) -> None:
     """Talk to the tuned model. Empty line or /exit (or Ctrl-D) ends; /reset clears the history."""
     from slimtune.api import generate as generate_reply
     from slimtune.api import load_run
+    from slimtune.data.images import resolve_ref
+    from slimtune.models.vision import run_processor
 
+    processor = run_processor(run_dir)
+    images = [{"type": "image", "image": resolve_ref(str(path), "--image", "--image")} for path in image or ()]
     model, tokenizer = load_run(run_dir)
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
     console.print("chat with the tuned model; /reset clears the history, /exit or an empty line ends")
     while True:
         try:
@@ -134,8 +145,10 @@ def chat(
         if line == "/reset":
             history = history[:1] if system else []
             continue
-        history.append({"role": "user", "content": line})
-        reply = generate_reply(model, tokenizer, history, max_new_tokens, temperature)
+        first = not any(m["role"] == "user" for m in history)
+        content = [*images, {"type": "text", "text": line}] if images and first else line
+        history.append({"role": "user", "content": content})
+        reply = generate_reply(model, tokenizer, history, max_new_tokens, temperature, processor=processor)
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}", flush=True)
 

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from slimtune.config import Config, TrainSettings
 from slimtune.data import Dataset, load_dataset
 from slimtune.errors import ConfigError, OutputWriteError, SlimtuneError
-from slimtune.evaluate import evaluate_model, format_metrics_table
+from slimtune.evaluate import evaluate_model, format_metrics_table, message_text
 from slimtune.methods.base import AttachedMethod, Method
 from slimtune.methods.registry import finished_weights
 from slimtune.models import load_model
@@ -220,7 +220,7 @@ def finish_run(built: BuiltRun, summary: TrainSummary, console: Console) -> Trai
     if checked.eval_set is not None:
         base_metrics, tuned_metrics, base_replies, tuned_replies = _evaluate(built, console)
         report.update(base=base_metrics, tuned=tuned_metrics, generations=[
-            {"prompt": conv[-2]["content"], "reference": conv[-1]["content"], "base": b, "tuned": t}
+            {"prompt": conv[-2]["content"], "reference": message_text(conv[-1]), "base": b, "tuned": t}
             for conv, b, t in zip(checked.eval_set.conversations, base_replies, tuned_replies)
         ])
         console.print("[bold]evaluation on data.eval[/bold]")

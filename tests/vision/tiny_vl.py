@@ -59,7 +59,8 @@ def make_qwen_vl_dir(path: Path, seed: int = 0) -> Path:
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special}
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, tie_word_embeddings=False)
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, tie_word_embeddings=False,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
@@ -70,4 +71,26 @@ def make_qwen_vl_dir(path: Path, seed: int = 0) -> Path:
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
                                                merge_size=2, temporal_patch_size=2)
     _save_processor_files(path, tokenizer, image_processor, "Qwen2_5_VLProcessor", QWEN_TEMPLATE)
+    return path
+
+
+def make_llava_dir(path: Path, seed: int = 0) -> Path:
+    """A saved tiny LLaVA (CLIP vision tower, 2-layer MLP projector, 2-layer Llama) with its processor files."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = _tokenizer_with(["<image>"], LLAVA_TEMPLATE)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=28, patch_size=14, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id, projector_hidden_act="gelu",
+                         vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    _save_processor_files(path, tokenizer, image_processor, "LlavaProcessor", LLAVA_TEMPLATE, patch_size=14,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return path

@@ -29,8 +29,9 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 def data_dir(source: str) -> Path:
-    """The directory of the data file a row `source` ("path:line") comes from."""
-    return Path(source.rsplit(":", 1)[0]).parent
+    """The directory of the data file a row `source` ("path:line") comes from; the working directory for
+    a source that is no file (a command-line option)."""
+    return Path(source.rsplit(":", 1)[0]).parent if ":" in source else Path.cwd()
 
 
 def resolve_ref(ref: Any, source: str, where: str) -> str:

@@ -143,6 +143,15 @@ def vision_problems(cfg: Any, is_vision: bool) -> list[str]:
     return problems
 
 
+def run_processor(run_dir: str | Path, model: str | None = None):
+    """The processor of a run's base model if it is a vision-language model, else None."""
+    from slimtune.models.loader import resolve_model
+    from slimtune.runs import base_model_name
+
+    base = base_model_name(run_dir, model)
+    return processor_for(resolve_model(base), base)
+
+
 def _has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
@@ -190,5 +199,5 @@ def vision_training(settings: VisionSettings) -> dict[Part, Training]:
     return {"tower": settings.train_tower, "projector": settings.train_projector}
 
 
-__all__ = ["VisionSettings", "auto_model_class", "is_vision_config", "is_vision_model", "is_vision_path", "load_processor",
+__all__ = ["VisionSettings", "auto_model_class", "is_vision_config", "is_vision_model", "is_vision_path", "load_processor", "run_processor",
            "part_of", "processor_for", "vision_parts", "vision_training"]
