@@ -143,6 +143,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         unsupported["bias"] = config["bias"]
     if config["peft_type"] == "ADALORA" and config.get("use_dora"):
         unsupported["use_dora"] = True
+    if config["peft_type"] == "ADALORA" and config.get("modules_to_save"):
+        unsupported["modules_to_save"] = config["modules_to_save"]
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise AdapterError(f"{path}: '{key}' must be a mapping of module pattern -> value, got {config[key]!r}")
@@ -290,7 +292,6 @@ def adalora_as_lora(config: dict[str, Any], tensors: dict[str, torch.Tensor], pa
     if unknown:
         raise AdapterError(f"{weights.parent / CONFIG_NAME}: rank_pattern names modules the adapter does not target, "
                            f"e.g. {unknown[:2]}; was it trained on another base model?")
-    expected.update(_full_shapes(model, config.get("modules_to_save") or []))
     # PEFT keeps the adapter name in memory ('.lora_A.default') but not in files; accept both.
     loaded = {re.sub(r"\.(lora_[ABE])\.default$", r".\1", key): value for key, value in tensors.items()}
     _require_keys(weights, {f"{PEFT_PREFIX}{path}.{name}" for path in paths for name in ("lora_A", "lora_E", "lora_B")},

@@ -180,6 +180,9 @@ def serve(
     quantize: Annotated[str, typer.Option(
         help="nf4: freeze the base's linear layers in NF4, the base QLoRA adapters were trained on; none: keep "
              "them as loaded; auto: nf4 when every --adapter is a QLoRA run.")] = "auto",
+    image_root: Annotated[Optional[Path], typer.Option(
+        help="Vision-language models: the only directory local image paths in requests may name (default: none, "
+             "only data: URLs).")] = None,
 ) -> None:
     """Serve the base model and adapters with an OpenAI-compatible API (chat and text completions,
     streaming, adapters loaded and unloaded at run time); requests for different adapters share batches."""
@@ -198,7 +201,7 @@ def serve(
     limits = ServeLimits(max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
                          max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                          max_concurrent=max_concurrent, max_batch=max_batch)
-    run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize)
+    run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize, image_root)
 
 
 def main() -> None:

@@ -117,7 +117,7 @@ def test_image_max_pixels_scales_down_keeping_the_aspect(tmp_path):
     ({"messages": [{"role": "user", "content": "none?"}, {"role": "assistant", "content": "x"}],
       "images": ["ok.png"]}, "0 '<image>' placeholder(s) in the text but 1 image(s)"),
     ({"messages": [{"role": "user", "content": [{"type": "video", "video": "a.mp4"}]},
-                   {"role": "assistant", "content": "x"}]}, "is not a content part"),
+                   {"role": "assistant", "content": "x"}]}, "not a part: use"),
 ])
 def test_bad_image_input_names_file_line_and_fix(tmp_path, qwen_dir, row, message):
     (tmp_path / "broken.png").write_bytes(b"not a png")

@@ -66,7 +66,8 @@ def parse_parts(parts: Any, source: str, where: str) -> list[dict[str, str]]:
             url = url.get("url") if isinstance(url, dict) else url
             normalised.append({"type": "image", "image": resolve_ref(url, source, f"{at}.image_url.url")})
         else:
-            raise DataError(f"{source}: {at} is not a content part: use {{\"type\": \"text\", \"text\": ...}}, "
+            raise DataError(f"{source}: {where} must be a string or a list of content parts, but {at} is a "
+                            f"{type(part).__name__} ({part!r:.40}), not a part: use {{\"type\": \"text\", \"text\": ...}}, "
                             "{\"type\": \"image\", \"image\": PATH} or {\"type\": \"image_url\", \"image_url\": "
                             "{\"url\": \"data:...\"}}")
     return normalised

@@ -27,6 +27,7 @@ from slimtune.serve import schemas
 from slimtune.serve.engine import Delta, Engine, Event, Failed, Finished, Generation
 from slimtune.serve.errors import APIError, error_body
 from slimtune.serve.registry import AdapterRegistry
+from slimtune.serve.images import ImageLimits, has_images, image_chat_completion
 from slimtune.serve.sampling import SamplingParams
 from slimtune.serve.security import APIKeyMiddleware, BodyLimitMiddleware, ServeLimits
 
@@ -45,6 +46,8 @@ class ServerState:
     context_length: int
     created: int = field(default_factory=lambda: int(time.time()))
     inflight: int = 0
+    processor: object = None  # a vision-language model's processor (image parts), else None
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
     def adapter_for(self, model: str) -> str | None:
         """The adapter a request's `model` names (None: the base model), or 404."""
@@ -231,6 +234,8 @@ def create_app(state: ServerState, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest):
         adapter = state.adapter_for(body.model)
+        if has_images(body):  # image parts: serve/images.py
+            return await image_chat_completion(state, body, adapter)
         prompt = ChatRenderer(state.tokenizer).encode_prompt(body.conversation())  # as `slimtune generate` does
         params = state.sampling(body, len(prompt), "messages")
         submission = Submission(state, [prompt], adapter, params)
