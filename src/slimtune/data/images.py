@@ -125,8 +125,7 @@ def load_image(ref: str, source: str, max_pixels: int | None = None):
                 raise DataError(f"{source}: image data URL '{shown}' is not base64: write data:image/png;base64,...")
             raw = io.BytesIO(base64.b64decode(payload, validate=True))
         else:
-            raw = Path(ref).read_bytes()
-            raw = io.BytesIO(raw)
+            raw = io.BytesIO(Path(ref).read_bytes())
         with Image.open(raw) as opened:
             image = opened.convert("RGB")
     except FileNotFoundError:
