@@ -85,8 +85,8 @@ def generate(
     from slimtune.models.vision import run_processor
 
     torch.manual_seed(seed)
-    processor = run_processor(run_dir)  # None for a text-only model (then an --image is refused)
     model, tokenizer = load_run(run_dir)
+    processor = run_processor(run_dir)  # None for a text-only model (then an --image is refused)
     print(generate_reply(model, tokenizer, prompt, max_new_tokens, temperature, top_p, system, images=image or (),
                          processor=processor))
 
@@ -130,9 +130,9 @@ def chat(
     from slimtune.data.images import resolve_ref
     from slimtune.models.vision import run_processor
 
+    model, tokenizer = load_run(run_dir)
     processor = run_processor(run_dir)
     images = [{"type": "image", "image": resolve_ref(str(path), "--image", "--image")} for path in image or ()]
-    model, tokenizer = load_run(run_dir)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     console.print("chat with the tuned model; /reset clears the history, /exit or an empty line ends")
     while True:
