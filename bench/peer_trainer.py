@@ -275,12 +275,28 @@ def _peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def load_qlora_base(model_dir: str, use_cuda: bool) -> nn.Module:
+    """QLoRA's base as PEFT users build it: bitsandbytes NF4 with double quantization and bf16 compute,
+    the other weights in bf16, then `prepare_model_for_kbit_training` (norms, embeddings and head in
+    fp32; no gradient checkpointing, which slimtune's runs do not use either)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.bfloat16,
+                                                 device_map={"": 0} if use_cuda else None)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def run_peer(
     model_dir: str,
     train_rows: list[list[dict]],
-    eval_rows: list[list[dict]],
+    eval_rows: list[list[dict]] | None,
     *,
     bf16: bool,
+    dora: bool = False,
+    qlora: bool = False,
     steps: int | None = None,
     epochs: int = 1,
     batch_size: int = 4,
@@ -313,18 +329,23 @@ def run_peer(
         tokenizer.pad_token = tokenizer.eos_token
     pad_id: int = tokenizer.pad_token_id
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if qlora:
+        model = load_qlora_base(model_dir, use_cuda)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lora = LoraConfig(
         r=16,
         lora_alpha=32,
         lora_dropout=0.05,
         target_modules=LORA_TARGETS,
         task_type="CAUSAL_LM",
+        use_dora=dora,
     )
     model = get_peft_model(model, lora)
 
     train_set = TokenizedConversations(tokenize_for_training(tokenizer, train_rows, max_length))
-    eval_features = response_features(tokenizer, eval_rows, max_length)
+    # The eval forward must be fp32: a 4-bit base computes in bf16, so QLoRA runs are not evaluated here.
+    eval_features = response_features(tokenizer, eval_rows, max_length) if eval_rows and not qlora else None
 
     args = TrainingArguments(
         output_dir=work_dir,
@@ -378,12 +399,13 @@ def run_peer(
 
     # With bf16, accelerate wraps model.forward in autocast; take it off for the fp32 eval.
     eval_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    eval_loss, eval_tokens = response_eval_loss(
+    eval_loss, eval_tokens = (None, 0) if eval_features is None else response_eval_loss(
         eval_model, eval_features, pad_id, trainer.args.device, batch_size
     )
 
     return {
-        "name": f"peft+trainer {'bf16' if bf16 else 'fp32'}",
+        "name": f"peft+trainer {'bf16' if bf16 else 'fp32'}" + (" DoRA" if dora else "")
+        + (" QLoRA (bitsandbytes nf4, double quant)" if qlora else ""),
         "tokens": tokens,
         "examples": examples,
         "train_s": train_s,
@@ -407,8 +429,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--train", required=True, help="JSONL of chat or Alpaca rows")
-    parser.add_argument("--eval", required=True, help="JSONL of chat or Alpaca rows")
+    parser.add_argument("--eval", help="JSONL of chat or Alpaca rows (without it no eval loss is measured)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights)")
+    parser.add_argument("--dora", action="store_true", help="LoraConfig(use_dora=True)")
+    parser.add_argument("--qlora", action="store_true", help="bitsandbytes NF4 base (double quant, bf16 compute)")
     parser.add_argument("--steps", type=int, default=None, help="max_steps; overrides --epochs")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -420,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     opts = parser.parse_args(argv)
 
     train_rows = rows_from_jsonl(opts.train)
-    eval_rows = rows_from_jsonl(opts.eval)
+    eval_rows = rows_from_jsonl(opts.eval) if opts.eval else None
     # Trainer prints its log dicts to stdout; keep stdout for the result line only.
     with (
         tempfile.TemporaryDirectory(prefix="peer_trainer_") as scratch,
@@ -431,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             train_rows,
             eval_rows,
             bf16=opts.bf16,
+            dora=opts.dora,
+            qlora=opts.qlora,
             steps=opts.steps,
             epochs=opts.epochs,
             batch_size=opts.batch_size,

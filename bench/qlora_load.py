@@ -52,22 +52,10 @@ print(json.dumps({"how": how, "peak_rss_mb": peak, "rss_before_mb": before,
 
 
 def make_model(path: Path) -> int:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from random_llama import save_random_llama
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    params = sum(p.numel() for p in model.parameters())
-    if not (path / "model.safetensors.index.json").is_file() and not (path / "model.safetensors").is_file():
-        model.save_pretrained(path, safe_serialization=True)
-        # any tokenizer will do for loading: take the bundled model's
-        from slimtune.models import resolve_model
-
-        AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(path)
-    return params
+    return save_random_llama(path, "1b")
 
 
 def main() -> None:

@@ -78,7 +78,8 @@ def make_adapters(model: str, root: Path, count: int, rank: int) -> list[str]:
 class Server:
     """`slimtune serve ...` in a subprocess on a free port; its log goes to `log_path`."""
 
-    def __init__(self, args: list[str], cwd: Path, log_path: Path, threads: int | None = None) -> None:
+    def __init__(self, args: list[str], cwd: Path, log_path: Path, threads: int | None = None,
+                 startup_timeout: float = 600) -> None:
         env = {**os.environ, "SLIMTUNE_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -100,7 +101,7 @@ class Server:
             ready.set()
 
         threading.Thread(target=drain, daemon=True).start()
-        if not ready.wait(600) or self.url is None or self.process.poll() is not None:
+        if not ready.wait(startup_timeout) or self.url is None or self.process.poll() is not None:
             raise RuntimeError(f"the server did not start; see {log_path}")
 
     def stop(self) -> None:

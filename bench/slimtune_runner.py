@@ -5,7 +5,7 @@ hyperparameters) through `slimtune.finetune`, then measures the response-token e
 same code the peer uses (`peer_trainer.response_eval_loss`: fp32 base + the saved adapter loaded by
 PEFT), so both sides are judged by one yardstick.
 
-    python bench/slimtune_runner.py --model-dir DIR --train T.jsonl --eval E.jsonl [--precision auto]
+    python bench/slimtune_runner.py --model-dir DIR --train T.jsonl [--eval E.jsonl] [--precision auto]
         [--packing] [--grad-checkpointing] [--batch-size 4] [--lr 2e-4] [--json-out R.json]
 """
 
@@ -21,6 +21,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_trainer import _peak_rss_mb, response_eval_loss, response_features, rows_from_jsonl  # noqa: E402
+
+
+def _eval_loss(args: argparse.Namespace, run_dir: Path, device: torch.device) -> float:
+    """Response-token loss of the saved adapter on `args.eval`, measured by the peer's fp32 code."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(device)
+    if args.quantize != "none":
+        # A QLoRA adapter belongs to the 4-bit base: evaluate it on the NF4-dequantized weights.
+        from slimtune.quant import dequantize_model, quantize_model
+
+        quantize_model(base, compute_dtype=torch.float32)
+        dequantize_model(base, torch.float32)
+    model = PeftModel.from_pretrained(base, str(run_dir)).to(device)
+    features = response_features(tokenizer, rows_from_jsonl(args.eval), args.max_length)
+    return response_eval_loss(model, features, tokenizer.pad_token_id, device, batch_size=8)[0]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -53,21 +71,8 @@ def run(args: argparse.Namespace) -> dict:
     peak_rss = _peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(device)
-    if args.quantize != "none":
-        # A QLoRA adapter belongs to the 4-bit base: evaluate it on the NF4-dequantized weights.
-        from slimtune.quant import dequantize_model, quantize_model
-
-        quantize_model(base, compute_dtype=torch.float32)
-        dequantize_model(base, torch.float32)
-    model = PeftModel.from_pretrained(base, str(result.output)).to(device)
-    features = response_features(tokenizer, rows_from_jsonl(args.eval), args.max_length)
-    eval_loss, _ = response_eval_loss(model, features, tokenizer.pad_token_id, device, batch_size=8)
+    eval_loss = _eval_loss(args, result.output, device) if args.eval else None
     name = "slimtune " + result.precision + (" packed" if result.packing else " padded")
     if args.method != "lora":
         name += f" {args.method.upper()}"
@@ -89,11 +94,11 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--train", required=True)
-    parser.add_argument("--eval", required=True)
+    parser.add_argument("--eval", help="eval JSONL (without it no eval loss is measured)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--packing", action="store_true", help="train.packing=true (default: padded, length-grouped)")
     parser.add_argument("--grad-checkpointing", action="store_true")
@@ -109,7 +114,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--work-dir")
     parser.add_argument("--json-out")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     result = run(args)
     line = json.dumps(result)
     print(line)

@@ -12,29 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from slimtune.models.byte_tokenizer import CHATML, byte_level_tokenizer
 
 
 def make_tiny_tokenizer(chat_template: str | None = CHATML):
     """A byte-level BPE tokenizer with no merges (one token per byte) plus ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|pad|>",
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|pad|>"]})
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    return tokenizer
+    return byte_level_tokenizer(chat_template)
 
 
 def make_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2):

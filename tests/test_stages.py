@@ -71,13 +71,6 @@ def test_a_rerun_without_resume_keeps_an_unfinished_runs_checkpoints(tiny_model_
     assert (out / "adapter_model.safetensors").is_file(), "overwrite=true must start again"
 
 
-def test_offload_with_adamw_is_a_one_line_config_error(tiny_model_dir, data_file, tmp_path):
-    with pytest.raises(ConfigError) as info:
-        config(tiny_model_dir, data_file, tmp_path / "run", train={"offload_optimizer": True})
-    lines = str(info.value).splitlines()
-    assert len(lines) == 2 and "train.offload_optimizer: true needs train.optimizer: adamw8bit" in lines[1], lines
-
-
 def test_an_unknown_target_is_found_before_any_weights_load(tiny_model_dir, data_file, tmp_path, no_weights, capsys):
     cfg = config(tiny_model_dir, data_file, tmp_path / "run", lora={"targets": ["q_prj"]},
                  train={"report_to": []})

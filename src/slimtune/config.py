@@ -49,8 +49,8 @@ class TrainSettings(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay on adapter matrices.")
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="adamw: fp32 moments; adamw8bit: moments in 8-bit blocks (~2 bytes/param instead of 8).")
-    offload_optimizer: bool = Field(False, description="adamw8bit only: keep the moments in CPU memory and "
-                                    "stream them to the device per parameter.")
+    offload_optimizer: bool = Field(False, description="Keep the optimizer's moments in CPU memory (pinned on "
+                                    "CUDA) and stream them to the device per parameter.")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps with linear warmup.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = off.")
@@ -143,7 +143,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _fits_method(self) -> "Config":
         """Checks across sections, every problem at once (one line each)."""
-        problems = self._unread_keys() + self._quantize_problems() + self._optimizer_problems()
+        problems = self._unread_keys() + self._quantize_problems()
         if problems:
             raise ValueError("\n  - ".join(problems))
         return self
@@ -177,12 +177,6 @@ class Config(_Section):
         if self.method == "qlora" and self.lora.use_dora:
             return ["DoRA on a 4-bit base is not supported yet: use method: qlora without lora.use_dora, "
                     "or method: dora without quantize"]
-        return []
-
-    def _optimizer_problems(self) -> list[str]:
-        if self.train.offload_optimizer and self.train.optimizer != "adamw8bit":
-            return [f"train.offload_optimizer: true needs train.optimizer: adamw8bit (got {self.train.optimizer}): "
-                    "offloading streams 8-bit moments; set train.optimizer=adamw8bit or train.offload_optimizer=false"]
         return []
 
     @property

@@ -261,6 +261,8 @@ def run_training(
                 "grad_norm": round(result.grad_norm, 6), "tokens": tokens_seen,
                 "tokens_per_s": round(tokens_seen / elapsed if elapsed > 0 else 0.0, 2), "elapsed_s": round(elapsed, 3),
             }
+            if device.type == "cuda":  # peak since the process started (weights, activations, optimizer)
+                row["max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             if not result.finite:
                 row["skipped"] = True
             if result.extra:

@@ -15,8 +15,9 @@ sqrt(v), and storing v itself rounds small entries to 0, which turns m / (sqrt(v
 division by eps (we saw such runs diverge). Small tensors (< 4096 elements) keep fp32 states,
 where 8 bits would save nothing worth their error.
 
-`offload=True` keeps the states in CPU memory and streams each parameter's states to its device for
-the update ("paged" states): device memory then holds only the weights and gradients.
+`offload=True` keeps the states in CPU memory (pinned when the parameters are on a CUDA device) and
+streams each parameter's states to its device for the update ("paged" states, as `train/offload.py`
+does for fp32 AdamW): device memory then holds only the weights and gradients.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from slimtune.quant.nf4 import DYNAMIC_MAP
+from slimtune.train.offload import OffloadedAdamW, synchronize, to_host
 
 BLOCK = 256
 MIN_8BIT_NUMEL = 4096
@@ -76,8 +78,9 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.offload = offload
 
-    def _state_device(self, param: torch.Tensor) -> torch.device:
-        return torch.device("cpu") if self.offload else param.device
+    def _place(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """Where a state tensor lives between steps: the parameter's device, or the host when offloaded."""
+        return to_host(value, param) if self.offload else value.to(param.device)
 
     def _load(self, state: dict, name: str, qmap: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         if f"{name}_codes" in state:
@@ -86,12 +89,11 @@ class AdamW8bit(torch.optim.Optimizer):
         return state[name].to(param.device, copy=True)  # updated in place below; the store replaces it
 
     def _store(self, state: dict, name: str, value: torch.Tensor, qmap: torch.Tensor, param: torch.Tensor) -> None:
-        device = self._state_device(param)
         if param.numel() >= MIN_8BIT_NUMEL:
             codes, absmax = quantize_blockwise(value, qmap)
-            state[f"{name}_codes"], state[f"{name}_absmax"] = codes.to(device), absmax.to(device)
+            state[f"{name}_codes"], state[f"{name}_absmax"] = self._place(codes, param), self._place(absmax, param)
         else:
-            state[name] = value.to(device)
+            state[name] = self._place(value, param)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -99,11 +101,13 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        touched: list[torch.Tensor] = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
                 if param.grad is None:
                     continue
+                touched.append(param)
                 grad = param.grad.float()
                 state = self.state[param]
                 if "step" not in state:
@@ -123,7 +127,17 @@ class AdamW8bit(torch.optim.Optimizer):
                 param.add_(update.to(param.dtype), alpha=-group["lr"])
                 self._store(state, "exp_avg", exp_avg, SIGNED_MAP, param)
                 self._store(state, "exp_avg_sq", exp_avg_sq.sqrt_(), UNSIGNED_MAP, param)
+        synchronize(touched)
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch's loader moves every state tensor to its parameter's device; offloaded states go back to the host
+        super().load_state_dict(state_dict)
+        if self.offload:
+            for param, state in self.state.items():
+                for name, value in state.items():
+                    if torch.is_tensor(value) and name != "step":
+                        state[name] = to_host(value, param)
 
     def state_bytes(self) -> int:
         """Bytes held by the optimizer states (codes, scales, small fp32 states)."""
@@ -131,14 +145,15 @@ class AdamW8bit(torch.optim.Optimizer):
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float, offload: bool = False) -> torch.optim.Optimizer:
-    """The optimizer a run asked for: 'adamw' (fp32 states, torch's fused kernel) or 'adamw8bit'.
+    """The optimizer a run asked for: 'adamw' (fp32 states, torch's fused kernel) or 'adamw8bit'; with
+    `offload`, its states in CPU memory, streamed to the device per parameter.
 
     Fused rather than foreach: for LoRA's many small matrices one kernel per group is 4x cheaper on CPU
     (240 rank-16 matrices: 2.0 vs 8.4 ms per step, measured), with results within 1e-8 of foreach."""
     if name == "adamw8bit":
         return AdamW8bit(params, lr=lr, weight_decay=weight_decay, offload=offload)
     if offload:
-        raise ValueError("train.offload_optimizer needs train.optimizer=adamw8bit")
+        return OffloadedAdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
