@@ -17,6 +17,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,34 +73,34 @@ def target_modules_for(model: nn.Module, paths: list[str]) -> list[str]:
     names = short_names(paths)
     selected = {
         path for path, module in model.named_modules()
-        if isinstance(module, (nn.Linear, AdapterLayer)) and path.rsplit(".", 1)[-1] in names
+        # Every layer kind PEFT would adapt under that name (a vision model's patch embedding `proj` is a conv)
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, AdapterLayer))
+        and path.rsplit(".", 1)[-1] in names
     }
     return names if selected == set(paths) else sorted(paths)
 
 
-def module_paths(model: nn.Module, names: list[str]) -> list[str]:
+def module_paths(model: nn.Module, names: Sequence[str]) -> list[str]:
     """Paths of the modules PEFT's `modules_to_save` entry names select: the path equals a name or ends
-    with '.<name>'."""
+    with '.<name>' (a short name such as `norm` selects `model.norm`; a whole path selects itself)."""
     return [path for path, _ in model.named_modules()
             if path and any(path == name or path.endswith("." + name) for name in names)]
 
 
-def modules_to_save_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+def modules_to_save_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
     """Every parameter of the `modules_to_save` modules, keyed as PEFT's files key them
     (`<module path>.<parameter>`; a tied tensor under each module that holds it)."""
-    tensors = {}
-    for path in module_paths(model, names):
-        for name, param in model.get_submodule(path).named_parameters():
-            tensors[f"{path}.{name}"] = param.detach()
-    return tensors
+    return {f"{path}.{name}": param for path in module_paths(model, names)
+            for name, param in model.get_submodule(path).named_parameters()}
 
 
 def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dropout: float = 0.0,
-                      modules_to_save: list[str] | None = None) -> Path:
+                      modules_to_save: Sequence[str] | None = None) -> Path:
     """Write the model's LoRA adapter to `out_dir` in PEFT's format; returns the weights path.
 
-    `modules_to_save` names whole modules stored beside the adapter (PEFT's option of that name: LongLoRA's
-    trained embeddings and norms), short names as PEFT matches them (`norm` selects `model.norm` only)."""
+    `modules_to_save` names whole modules stored beside the adapter, as PEFT's option of that name does
+    (LongLoRA's trained embeddings and norms, a vision-language model's fully trained parts): whole paths,
+    or short names as PEFT matches them (`norm` selects `model.norm` only)."""
     layers = lora_layers(model)
     if not layers:
         raise AdapterError("the model has no LoRA layers to save")
@@ -119,23 +120,24 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, base_model: str, dr
     tensors = {PEFT_PREFIX + key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
     # Cloned: a tied tensor (embeddings and LM head) is stored under both names, and safetensors refuses
     # two names for one storage.
-    tensors.update({PEFT_PREFIX + key: value.cpu().clone()
-                    for key, value in modules_to_save_tensors(model, modules_to_save or []).items()})
+    tensors.update({PEFT_PREFIX + key: value.detach().cpu().clone()
+                    for key, value in modules_to_save_parameters(model, modules_to_save or ()).items()})
     config = lora_adapter_config(
         r=r, alpha=alpha, dropout=dropout, target_modules=target_modules_for(model, list(layers)), base_model=base_model,
         use_rslora=first.rslora, use_dora=isinstance(first, DoRALinear), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    config["modules_to_save"] = list(modules_to_save) if modules_to_save else None
+    config["modules_to_save"] = list(modules_to_save or ()) or None
     # Config first, weights last and renamed into place: a weights file is never half written, and
     # its presence is what marks a finished run.
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return save_safetensors_atomically(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
-def read_adapter_config(adapter_dir: str | Path, modules_to_save: bool = False) -> dict[str, Any]:
-    """Read and check `adapter_config.json`; errors name the file and the bad field. `modules_to_save`
-    accepts PEFT's option of that name (whole modules saved beside the adapter: a LongLoRA run)."""
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """Read and check `adapter_config.json`; errors name the file and the bad field. PEFT's
+    `modules_to_save` (whole modules saved beside a LoRA adapter) is accepted; sharing a base with other
+    adapters refuses it (methods/multi.py)."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"'{adapter_dir}' has no {CONFIG_NAME}: point to a run directory or a PEFT adapter directory")
@@ -155,7 +157,7 @@ def read_adapter_config(adapter_dir: str | Path, modules_to_save: bool = False) 
             raise AdapterError(f"{path}: missing field '{key}'")
     unsupported = {
         key: config[key]
-        for key in ("fan_in_fan_out", *(() if modules_to_save else ("modules_to_save",)), "layers_to_transform", "layer_replication", "exclude_modules",
+        for key in ("fan_in_fan_out", "layers_to_transform", "layer_replication", "exclude_modules",
                     "target_parameters", "trainable_token_indices")
         if config.get(key)
     }
@@ -163,15 +165,15 @@ def read_adapter_config(adapter_dir: str | Path, modules_to_save: bool = False) 
         unsupported["bias"] = config["bias"]
     if config["peft_type"] == "ADALORA" and config.get("use_dora"):
         unsupported["use_dora"] = True
+    if config["peft_type"] == "ADALORA" and config.get("modules_to_save"):
+        unsupported["modules_to_save"] = config["modules_to_save"]
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise AdapterError(f"{path}: '{key}' must be a mapping of module pattern -> value, got {config[key]!r}")
+    if not isinstance(config.get("modules_to_save") or [], list):
+        raise AdapterError(f"{path}: 'modules_to_save' must be a list of module paths, got {config['modules_to_save']!r}")
     if config.get("lora_bias"):
         unsupported["lora_bias"] = config["lora_bias"]
-    if "modules_to_save" in unsupported:
-        raise AdapterError(f"{path}: modules_to_save {config['modules_to_save']}: a LongLoRA run (LoRA plus trained "
-                           "embeddings/norms and interpolated RoPE) cannot share a base with other adapters; load the "
-                           "run itself, or merge it (slimtune merge RUN OUT) and serve OUT with --model")
     if unsupported:
         raise AdapterError(f"{path}: options not supported yet: {unsupported}")
     _check_field_types(path, config, rank_key)
@@ -224,13 +226,12 @@ def _require_keys(weights: Path, expected: set[str], loaded: dict[str, torch.Ten
 
 def read_lora_adapter(
     model: nn.Module, adapter_dir: str | Path, layers: dict[str, nn.Linear] | None = None,
-    modules_to_save: bool = False,
 ) -> tuple[dict[str, Any], list[str], dict[str, torch.Tensor]]:
     """Read and check an adapter against `model` (or against `layers`, the base linear layers by path)
-    without changing anything: (config, adapted paths, tensors keyed `<path>.lora_A.weight` ...), with
-    `modules_to_save` also the saved whole modules' tensors (`<module path>.weight`)."""
+    without changing anything: (config, adapted paths, tensors keyed `<path>.lora_A.weight` ...), and
+    the whole modules' tensors of `modules_to_save` (`<module path>.weight`)."""
     adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir, modules_to_save)
+    config = read_adapter_config(adapter_dir)
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         pickled = adapter_dir / "adapter_model.bin"
@@ -253,8 +254,7 @@ def read_lora_adapter(
         expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (layers[path].out_features, layer_r)
         if use_dora:
             expected[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = (layers[path].out_features,)
-    for key, tensor in modules_to_save_tensors(model, config.get("modules_to_save") or []).items():
-        expected[PEFT_PREFIX + key] = tuple(tensor.shape)
+    expected.update(_saved_module_shapes(model, config.get("modules_to_save") or []))
     # PEFT keeps the adapter name in memory ('.lora_A.default.weight') but not in files; accept both.
     loaded = {
         key.replace(".default.weight", ".weight").replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector"): value
@@ -272,11 +272,20 @@ def read_lora_adapter(
     return config, paths, {key[len(PEFT_PREFIX):]: value for key, value in loaded.items()}
 
 
-def load_lora_adapter(model: nn.Module, adapter_dir: str | Path, modules_to_save: bool = False) -> dict[str, Any]:
-    """Attach a LoRA adapter saved by slimtune or PEFT to a fresh base model; returns its config. With
-    `modules_to_save`, the whole modules saved beside it (PEFT's option) are copied into the model too."""
-    config, _, loaded = read_lora_adapter(model, adapter_dir, modules_to_save=modules_to_save)
-    saved_modules = modules_to_save_tensors(model, config.get("modules_to_save") or [])
+def _saved_module_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """The file keys and shapes of modules saved whole (PEFT's modules_to_save)."""
+    shapes = {PEFT_PREFIX + key: tuple(value.shape) for key, value in modules_to_save_parameters(model, names).items()}
+    if names and not shapes:
+        raise AdapterError(f"adapter modules_to_save {names} name no module of the base model: was it trained on "
+                           "another base model?")
+    return shapes
+
+
+def load_lora_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
+    """Attach a LoRA adapter saved by slimtune or PEFT to a fresh base model; returns its config. The whole
+    modules saved beside it (PEFT's modules_to_save) are copied into the model too."""
+    config, _, loaded = read_lora_adapter(model, adapter_dir)
+    saved_modules = modules_to_save_parameters(model, config.get("modules_to_save") or [])
     r = int(config["r"])
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     attach_lora(model, config["target_modules"], r=r, alpha=float(config["lora_alpha"]),

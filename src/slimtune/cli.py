@@ -139,19 +139,24 @@ def generate(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     system: Annotated[Optional[str], typer.Option(help="A system message to prepend.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        help="An image shown with the prompt (repeat for several); needs a vision-language model.")] = None,
 ) -> None:
     """Print the tuned model's reply to one prompt."""
     import torch
 
     from slimtune.api import generate as generate_reply
     from slimtune.api import load_run
+    from slimtune.models.vision import run_processor
 
     _check_sampling(seed, temperature, top_p)
     _check_text(prompt, "the prompt")
     _check_text(system or "", "--system")
     torch.manual_seed(seed)
     model, tokenizer = load_run(run_dir)
-    print(generate_reply(model, tokenizer, prompt, max_new_tokens, temperature, top_p, system))
+    processor = run_processor(run_dir)  # None for a text-only model (then an --image is refused)
+    print(generate_reply(model, tokenizer, prompt, max_new_tokens, temperature, top_p, system, images=image or (),
+                         processor=processor))
 
 
 @app.command("eval")
@@ -201,17 +206,23 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        help="An image shown with the first message (repeat for several); needs a vision-language model.")] = None,
 ) -> None:
     """Talk to the tuned model. Empty line or /exit (or Ctrl-D) ends; /reset clears the history."""
     from slimtune.api import generate as generate_reply
     from slimtune.api import load_run
+    from slimtune.data.images import resolve_ref
+    from slimtune.models.vision import run_processor
 
     from slimtune.errors import ConfigError
 
     _check_sampling(temperature=temperature)
     _check_text(system or "", "--system")
     model, tokenizer = load_run(run_dir)
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    processor = run_processor(run_dir)
+    images = [{"type": "image", "image": resolve_ref(str(path), "--image", "--image")} for path in image or ()]
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
     console.print("chat with the tuned model; /reset clears the history, /exit or an empty line ends")
     while True:
         try:
@@ -226,8 +237,10 @@ def chat(
         if line == "/reset":
             history = history[:1] if system else []
             continue
-        history.append({"role": "user", "content": line})
-        reply = generate_reply(model, tokenizer, history, max_new_tokens, temperature)
+        first = not any(m["role"] == "user" for m in history)
+        content = [*images, {"type": "text", "text": line}] if images and first else line
+        history.append({"role": "user", "content": content})
+        reply = generate_reply(model, tokenizer, history, max_new_tokens, temperature, processor=processor)
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}", flush=True)
 
@@ -271,6 +284,9 @@ def serve(
              "with a routing signature); empty: no routing.")] = "auto",
     route_threshold: Annotated[Optional[float], typer.Option(
         help="Route to the base model below this similarity (default: each signature's own threshold).")] = None,
+    image_root: Annotated[Optional[Path], typer.Option(
+        help="Vision-language models: the only directory local image paths in requests may name (default: none, "
+             "only data: URLs).")] = None,
 ) -> None:
     """Serve the base model and adapters with an OpenAI-compatible API (chat and text completions,
     streaming, adapters loaded and unloaded at run time); requests for different adapters share batches."""
@@ -293,7 +309,7 @@ def serve(
                          max_concurrent=max_concurrent, max_batch=max_batch, max_kv_tokens=max_kv_tokens,
                          max_adapters=max_adapters)
     run_server(model, adapters, host, port, api_key, adapter_root, limits, device, console, quantize,
-               tuple(allow_host or ()), route_name or None, route_threshold)
+               tuple(allow_host or ()), route_name or None, route_threshold, image_root)
 
 
 def _prints_errors(exc: SlimtuneError | None) -> bool:

@@ -19,6 +19,7 @@ from slimtune.methods.adalora import AdaLoraSettings
 from slimtune.methods.freeze import FreezeSettings
 from slimtune.methods.longlora import LongLoraSettings
 from slimtune.methods.lora import LoraSettings
+from slimtune.models.vision import VisionSettings
 from slimtune.section import Section as _Section
 
 # The sections that belong to methods (each defined in its method's module); a method reads some of them.
@@ -34,6 +35,9 @@ class DataSettings(_Section):
         "auto", description="Row format; 'auto' detects it from the first row's keys."
     )
     max_length: int = Field(1024, gt=1, description="Examples are truncated to this many tokens.")
+    image_max_pixels: int = Field(768 * 768, gt=0, description="Vision-language models: images larger than this "
+                                  "many pixels (width x height) are scaled down, aspect ratio kept, before the "
+                                  "processor sees them.")
 
 
 class TrainSettings(_Section):
@@ -130,6 +134,7 @@ class Config(_Section):
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    vision: VisionSettings = Field(default_factory=VisionSettings)
 
     @field_validator("model")
     @classmethod

@@ -53,27 +53,38 @@ def generate_replies(
     temperature: float = 0.0,
     top_p: float = 1.0,
     precision: str = "fp32",
+    renderer=None,
 ) -> list[str]:
-    """Replies to each prompt conversation (greedy when temperature == 0), batched with left padding."""
-    renderer = ChatRenderer(tokenizer)
+    """Replies to each prompt conversation (greedy when temperature == 0), batched with left padding.
+
+    `renderer` renders the prompts (default: `ChatRenderer(tokenizer)`); a `VisionRenderer` (prompts with
+    images) generates one prompt at a time, with the processor's image tensors."""
+    renderer = renderer or ChatRenderer(tokenizer)
     was_training = model.training
     model.eval()
     replies: list[str] = []
     pad_id = tokenizer.pad_token_id
-    for start in range(0, len(prompts), batch_size):
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    images = hasattr(renderer, "prompt_inputs")
+    for start in range(0, len(prompts), 1 if images else batch_size):
         stop_point("during evaluation", resumable=True)
-        encoded = [renderer.encode_prompt(list(p)) for p in prompts[start: start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        chunk = prompts[start: start + (1 if images else batch_size)]
+        if images:
+            inputs = renderer.prompt_inputs(list(chunk[0]))
+        else:
+            encoded = [renderer.encode_prompt(list(p)) for p in chunk]
+            width = max(len(ids) for ids in encoded)
+            input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+            for row, ids in enumerate(encoded):
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        width = inputs["input_ids"].shape[1]
         with autocast(precision, model.device):
             output = model.generate(
-                input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                **{key: value.to(model.device) for key, value in inputs.items()},
                 max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
                 use_cache=True, **sampling,
             )
@@ -81,6 +92,12 @@ def generate_replies(
             replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)
     return replies
+
+
+def message_text(message: Message) -> str:
+    """A message's text (text parts joined; image parts left out)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -135,8 +152,8 @@ def evaluate_model(model: nn.Module, tokenizer, dataset: Dataset, generations: i
     if generations > 0:
         conversations = dataset.conversations[:generations]
         replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], max_new_tokens, batch_size,
-                                   precision=precision)
-        references = [c[-1]["content"] for c in conversations]
+                                   precision=precision, renderer=dataset.renderer)
+        references = [message_text(c[-1]) for c in conversations]
         metrics["exact_match"] = exact_match(replies, references)
         metrics["rouge_l"] = sum(map(rouge_l, replies, references)) / len(references)
         metrics["bleu"] = bleu(replies, references)
@@ -162,6 +179,13 @@ def format_metrics_table(base: dict[str, float], tuned: dict[str, float]) -> str
     return "\n".join(lines)
 
 
+def _shown(content: str | list[dict]) -> str:
+    """A message's content as text; an image part shows as `[image: path]` (a data: URL cut short)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] if p["type"] == "text" else f"[image: {p['image'][:60]}]" for p in content)
+
+
 def _fenced(text: str) -> str:
     """`text` verbatim in a Markdown code block whose fence is longer than any backtick run inside it."""
     if not text:
@@ -185,7 +209,7 @@ def format_eval_report(title: str, summary: str, base: dict[str, float], tuned: 
     for number, row in enumerate(outputs, 1):
         parts.append(f"### Example {number}")
         for message in row["prompt"]:
-            parts.append(f"**Prompt ({message['role']})**\n\n{_fenced(message['content'])}")
+            parts.append(f"**Prompt ({message['role']})**\n\n{_fenced(_shown(message['content']))}")
         parts.append(f"**Reference**\n\n{_fenced(row['reference'])}")
         parts.append(f"**Base output**\n\n{_fenced(row['base'])}")
         parts.append(f"**Tuned output**\n\n{_fenced(row['tuned'])}")

@@ -13,7 +13,8 @@ from slimtune.atomic import reported_write_failures
 from slimtune.config import EvalSettings
 from slimtune.data import load_dataset
 from slimtune.errors import AdapterError, DataError, SlimtuneError
-from slimtune.evaluate import evaluate_model, format_eval_report
+from slimtune.evaluate import evaluate_model, format_eval_report, message_text
+from slimtune.models.vision import run_processor
 from slimtune.runs import EVAL_METRICS, EVAL_REPORT, RUN_CONFIG, open_run, run_config
 from slimtune.train.precision import resolve_device
 
@@ -57,7 +58,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, generation
 
     model, tokenizer, attached = open_run(run_dir)
     model.to(resolve_device("auto"))
-    dataset = load_dataset(data, tokenizer, cfg.data.format if cfg else "auto", cfg.data.max_length if cfg else 1024)
+    dataset = load_dataset(data, tokenizer, cfg.data.format if cfg else "auto", cfg.data.max_length if cfg else 1024,
+                           run_processor(run_dir), cfg.data.image_max_pixels if cfg else None)
     shown = min(generations, len(dataset))
     console.print(f"evaluating {escape(str(run_dir))} on {escape(str(data))}: {len(dataset)} examples, "
                   f"{shown} generations of up to {max_new_tokens} tokens")
@@ -68,7 +70,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, generation
     tuned, tuned_replies = evaluate_model(model, tokenizer, dataset, shown, max_new_tokens, batch_size)
 
     outputs = [
-        {"prompt": conversation[:-1], "reference": conversation[-1]["content"], "base": b, "tuned": t}
+        {"prompt": conversation[:-1], "reference": message_text(conversation[-1]), "base": b, "tuned": t}
         for conversation, b, t in zip(dataset.conversations, base_replies, tuned_replies)
     ]
     result: dict[str, Any] = {

@@ -1,12 +1,14 @@
 """Merge a finished run into its base: a plain Hugging Face model directory.
 
 W' = W + s B A for LoRA (AdaLoRA as the LoRA it equals), m (W + s B A) / ||W + s B A|| for DoRA,
-dequantize(W_nf4) + s B A for QLoRA, base + trained tensors for freeze, a copy for full.
+dequantize(W_nf4) + s B A for QLoRA, base + trained tensors for freeze, a copy for full. A vision-language
+model's processor files are copied beside it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +19,29 @@ from slimtune.quant import Linear4bit
 from slimtune.runs import open_run
 
 MERGE_REPORT = "slimtune_merge.json"  # written for a QLoRA run: merged vs 4-bit outputs
+
+
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
+                    "video_preprocessor_config.json")
+
+
+def save_processor_files(run_dir: str | Path, out: Path) -> None:
+    """A vision-language base's processor files (image processor, chat template) beside the merged weights,
+    so the merged directory loads with `AutoProcessor` as the base did; nothing for a text-only base."""
+    from slimtune.models.loader import resolve_model
+    from slimtune.models.vision import run_processor
+    from slimtune.runs import base_model_name
+
+    processor = run_processor(run_dir)
+    if processor is None:
+        return
+    base = Path(resolve_model(base_model_name(run_dir)))
+    if base.is_dir():
+        for name in _PROCESSOR_FILES:
+            if (base / name).is_file():
+                shutil.copyfile(base / name, out / name)
+    else:
+        processor.save_pretrained(out)
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -53,6 +78,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
             staged_directory(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        save_processor_files(run_dir, staging)
         if report is not None:
             (staging / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return out

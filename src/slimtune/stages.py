@@ -32,13 +32,14 @@ from slimtune.atomic import reported_write_failures
 from slimtune.config import Config, TrainSettings
 from slimtune.data import Dataset, load_dataset
 from slimtune.errors import ConfigError, SlimtuneError
-from slimtune.evaluate import evaluate_model, format_metrics_table
+from slimtune.evaluate import evaluate_model, format_metrics_table, message_text
 from slimtune.methods.base import AttachedMethod, Method
 from slimtune.methods.registry import finished_weights
 from slimtune.models import load_model
 from slimtune.models.loader import load_tokenizer, resolve_model
 from slimtune.models.skeleton import build_skeleton
 from slimtune.models.streaming import load_quantized_model
+from slimtune.models.vision import processor_for, vision_problems
 from slimtune.runs import CHECKPOINTS, RUN_CONFIG, output_problems, prepare_output, resume_point
 from slimtune.train.checkpoint import Checkpoint
 from slimtune.train.fused import fuse_modules
@@ -114,18 +115,22 @@ def check_run(cfg: Config, console: Console | None = None) -> CheckedRun:
     started = time.perf_counter()
     method = cfg.plugin
     problems = tracker_problems(cfg.train.report_to) + _device_problems(cfg.train)
-    tokenizer = resolved = train_set = eval_set = skeleton = None
+    tokenizer = resolved = train_set = eval_set = skeleton = processor = None
     try:
         resolved = resolve_model(cfg.model)
         tokenizer = load_tokenizer(resolved, cfg.model)
+        processor = processor_for(resolved, cfg.model)
     except SlimtuneError as exc:
         problems.append(str(exc))
+    if resolved is not None:
+        problems += vision_problems(cfg, processor is not None)
     if tokenizer is not None:
         for split, path in (("train", cfg.data.train), ("eval", cfg.data.eval)):
             if path is None:
                 continue
             try:
-                loaded = load_dataset(path, tokenizer, cfg.data.format, cfg.data.max_length)
+                loaded = load_dataset(path, tokenizer, cfg.data.format, cfg.data.max_length, processor,
+                                      cfg.data.image_max_pixels)
             except SlimtuneError as exc:
                 problems.append(f"data.{split}: {exc}")
                 continue
@@ -265,7 +270,7 @@ def finish_run(built: BuiltRun, summary: TrainSummary, console: Console) -> Trai
         except StopRequested as stopped:
             raise StopRequested(f"{stopped}; {_finish_hint(out)}", resumable=True) from None
         report.update(base=base_metrics, tuned=tuned_metrics, generations=[
-            {"prompt": conv[-2]["content"], "reference": conv[-1]["content"], "base": b, "tuned": t}
+            {"prompt": conv[-2]["content"], "reference": message_text(conv[-1]), "base": b, "tuned": t}
             for conv, b, t in zip(checked.eval_set.conversations, base_replies, tuned_replies)
         ])
         console.print("[bold]evaluation on data.eval[/bold]")

@@ -12,7 +12,8 @@ from slimtune.data.render import IGNORE_INDEX, Encoded
 def pad_batch(examples: Sequence[Encoded], pad_token_id: int, multiple_of: int = 1,
               max_width: int | None = None) -> dict[str, torch.Tensor]:
     """Pad to the longest example. Returns input_ids, labels (-100 on padding), attention_mask, all
-    (batch, width) int64.
+    (batch, width) int64; vision-language examples add their per-token ids (zero on padding) and image
+    tensors (`data/vision_render.py`).
 
     The width is rounded up to a multiple of `multiple_of`, at most `max_width` (and never below the
     longest example). Rounding even batches whose rows are all one length measured better than
@@ -30,4 +31,14 @@ def pad_batch(examples: Sequence[Encoded], pad_token_id: int, multiple_of: int =
         input_ids[row, :length] = torch.tensor(example.input_ids)
         labels[row, :length] = torch.tensor(example.labels)
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    for key in sorted({key for example in examples for key in example.token_extras}):  # zeros on padding
+        batch[key] = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            values = example.token_extras.get(key, [0] * len(example.input_ids))
+            batch[key][row, :len(values)] = torch.tensor(values, dtype=torch.long)
+    if any(example.vision for example in examples):
+        from slimtune.data.vision_render import stack_vision
+
+        batch.update(stack_vision([example.vision for example in examples]))
+    return batch

@@ -4,18 +4,21 @@
   `[user, assistant]` pairs before this turn). `instruction` and `input` are joined by a newline into
   one user message, as LLaMA-Factory does; `output` is the assistant message.
 - ShareGPT: `conversations: [{"from": "human"|"gpt"|"system", "value": ...}]`.
-- OpenAI messages: `messages: [{"role": "system"|"user"|"assistant", "content": ...}]`.
+- OpenAI messages: `messages: [{"role": "system"|"user"|"assistant", "content": ...}]`; `content` may
+  be a list of text and image parts (`data/images.py`).
+- Either conversational form with LLaMA-Factory's `<image>` placeholders and an `images` list.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+from slimtune.data.images import expand_placeholders, parse_parts
 from slimtune.data.reader import Row
 from slimtune.errors import DataError
 
 Format = Literal["alpaca", "sharegpt", "messages"]
-Message = dict[str, str]
+Message = dict[str, Any]  # content: a string, or text/image parts (data/images.py)
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "model": "assistant", "system": "system"}
@@ -112,7 +115,10 @@ def _messages(row: Row) -> list[Message]:
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise DataError(f"{row.source}: messages[{index}] must be an object with 'role' and 'content'")
         _choice(row, turn["role"], f"messages[{index}].role", ("system", "user", "assistant"))
-        messages.append({"role": turn["role"], "content": _text(row, turn["content"], f"messages[{index}].content")})
+        content = turn["content"]
+        where = f"messages[{index}].content"
+        content = parse_parts(content, row.source, where) if isinstance(content, list) else _text(row, content, where)
+        messages.append({"role": turn["role"], "content": content})
     return messages
 
 
@@ -122,6 +128,8 @@ _PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}
 def to_messages(row: Row, fmt: Format) -> list[Message]:
     """Normalise one row; checks that the conversation ends with an assistant turn to learn from."""
     messages = _PARSERS[fmt](row)
+    if "images" in row.data:
+        messages = expand_placeholders(messages, row.data["images"], row.source)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{row.source}: the conversation has no assistant turn, so there is nothing to learn")
     if messages[-1]["role"] != "assistant":

@@ -18,7 +18,8 @@ once:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from slimtune.data.formats import Message
 from slimtune.errors import DataError
@@ -37,6 +38,10 @@ class Encoded:
     labels: list[int]
     source: str
     truncated: bool = False
+    # Vision-language examples (data/vision_render.py): per-token ids the model also takes (padded with 0,
+    # e.g. Qwen's mm_token_type_ids), and the processor's image tensors (pixel_values, image_grid_thw ...).
+    token_extras: dict[str, list[int]] = field(default_factory=dict)
+    vision: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_labelled(self) -> int:

@@ -403,7 +403,7 @@ class AdaLoRA(Method):
     def recognises(self, run_dir: Path) -> bool:
         from slimtune.adapters import read_adapter_config
 
-        return (run_dir / CONFIG_NAME).is_file() and read_adapter_config(run_dir, modules_to_save=True)["peft_type"] == "ADALORA"
+        return (run_dir / CONFIG_NAME).is_file() and read_adapter_config(run_dir)["peft_type"] == "ADALORA"
 
     def recorded_base(self, run_dir: Path) -> str | None:
         from slimtune.adapters import read_adapter_config

@@ -255,18 +255,18 @@ class LongLoRA(Method):
 
         if not (run_dir / CONFIG_NAME).is_file() or not (run_dir / MODEL_CONFIG).is_file():
             return False
-        config = read_adapter_config(run_dir, modules_to_save=True)
+        config = read_adapter_config(run_dir)
         return config["peft_type"] == "LORA" and bool(config.get("modules_to_save"))
 
     def recorded_base(self, run_dir: Path) -> str | None:
         from slimtune.adapters import read_adapter_config
 
-        return read_adapter_config(run_dir, modules_to_save=True).get("base_model_name_or_path")
+        return read_adapter_config(run_dir).get("base_model_name_or_path")
 
     def load(self, run_dir: Path, base_name: str | None, quantized: bool) -> tuple[nn.Module, Any, AttachedMethod]:
         from slimtune.adapters import load_lora_adapter, module_paths, read_adapter_config
 
-        config = read_adapter_config(run_dir, modules_to_save=True)
+        config = read_adapter_config(run_dir)
         saved = read_model_config(run_dir)
         model, tokenizer = load_base(base_name, quantized)
         names = config.get("modules_to_save") or []
@@ -275,7 +275,7 @@ class LongLoRA(Method):
         originals = FrozenCopies.copies(model, list(dict.fromkeys(trained)))
         factor = linear_factor(saved.get("rope_parameters") or {}) / linear_factor(model.config.rope_parameters)
         rope = interpolate_positions(model, round(factor))
-        load_lora_adapter(model, run_dir, modules_to_save=True)
+        load_lora_adapter(model, run_dir)
         return model, tokenizer, LongLoRAMethod(self.name, model, originals, rope)
 
 

@@ -481,14 +481,28 @@ def merge_state_dict(
 
 
 class LoRAMethod(AttachedMethod):
-    """LoRA attached to a model; trains only the `lora_A` / `lora_B` matrices (and DoRA's magnitudes).
+    """LoRA attached to a model; trains only the `lora_A` / `lora_B` matrices (and DoRA's magnitudes),
+    plus the modules under `full` (a vision-language model's tower or projector with vision.* = full),
+    whose base weights `full_base` holds for the base view.
 
     Also the handle of any adapter loaded for inference (AdaLoRA's load as LoRA layers)."""
 
+    def __init__(self, name: str, model: nn.Module, full: Sequence[str] = (),
+                 full_base: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__(name, model)
+        self.full, self.full_base = list(full), full_base or {}
+
     @contextmanager
     def base_view(self) -> Iterator[nn.Module]:
-        with adapters_disabled(self.model):
-            yield self.model
+        from slimtune.methods.vision_lora import swap_in
+
+        trained = swap_in(self.model, self.full, self.full_base) if self.full else None
+        try:
+            with adapters_disabled(self.model):
+                yield self.model
+        finally:
+            if trained is not None:
+                swap_in(self.model, self.full, trained)
 
     def merged(self) -> nn.Module:
         """W' = W + s B A in every adapted layer (an NF4 base dequantized to fp32 first), plain layers back."""
@@ -506,6 +520,10 @@ class LoRAMethod(AttachedMethod):
             params += [layer.lora_A.weight, layer.lora_B.weight]
             if isinstance(layer, DoRALinear):
                 params.append(layer.lora_magnitude_vector)
+        if self.full:
+            from slimtune.methods.vision_lora import full_state
+
+            params += list(full_state(self.model, self.full).values())
         return params
 
 
@@ -521,27 +539,34 @@ class LoRA(Method):
     use_dora = False
 
     def attach(self, model: nn.Module, cfg: Config, console: Console, quiet: bool = False) -> AttachedMethod:
+        from slimtune.methods.vision_lora import unfreeze, vision_lora_targets
+
         lora = cfg.lora
-        attach_lora(model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora,
+        targets, full = vision_lora_targets(model, lora.targets, cfg.vision)
+        attach_lora(model, targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora,
                     use_dora=self.use_dora, rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern)
-        return LoRAMethod(self.name, model)
+        return LoRAMethod(self.name, model, full, unfreeze(model, full) if full else None)
 
     def save(self, attached: AttachedMethod, tokenizer: Any, cfg: Config, out: Path, base_model: str,
              steps: int) -> str:
         from slimtune.adapters import save_lora_adapter
 
-        save_lora_adapter(attached.model, out, base_model=base_model, dropout=cfg.lora.dropout)
+        save_lora_adapter(attached.model, out, base_model=base_model, dropout=cfg.lora.dropout,
+                          modules_to_save=getattr(attached, "full", ()))
         return f"{WEIGHTS_NAME}, {CONFIG_NAME}"
 
     def _adapter_config(self, run_dir: Path) -> dict[str, Any] | None:
         from slimtune.adapters import read_adapter_config
 
-        return read_adapter_config(run_dir, modules_to_save=True) if (run_dir / CONFIG_NAME).is_file() else None
+        return read_adapter_config(run_dir) if (run_dir / CONFIG_NAME).is_file() else None
 
     def recognises(self, run_dir: Path) -> bool:
         config = self._adapter_config(run_dir)
+        # A LongLoRA run is PEFT LoRA too, told apart by its trained modules and its model config.json
+        # (the interpolated RoPE); a vision-language run's fully trained parts have no such file.
+        longlora = bool(config and config.get("modules_to_save")) and (run_dir / "config.json").is_file()
         return (config is not None and config["peft_type"] == "LORA" and bool(config.get("use_dora")) == self.use_dora
-                and not config.get("modules_to_save"))
+                and not longlora)
 
     def recorded_base(self, run_dir: Path) -> str | None:
         config = self._adapter_config(run_dir)
@@ -550,10 +575,14 @@ class LoRA(Method):
     def load(self, run_dir: Path, base_name: str | None, quantized: bool) -> tuple[nn.Module, Any, AttachedMethod]:
         from slimtune.adapters import read_adapter_config, load_lora_adapter
 
-        read_adapter_config(run_dir)  # a bad adapter config fails before the base loads
+        from slimtune.methods.vision_lora import full_state
+
+        config = read_adapter_config(run_dir)  # a bad adapter config fails before the base loads
+        full = list(config.get("modules_to_save") or ())
         model, tokenizer = load_base(base_name, quantized)
+        full_base = {key: value.detach().clone() for key, value in full_state(model, full).items()}
         load_lora_adapter(model, run_dir)
-        return model, tokenizer, LoRAMethod(self.name, model)
+        return model, tokenizer, LoRAMethod(self.name, model, full, full_base)
 
 
 class DoRA(LoRA):

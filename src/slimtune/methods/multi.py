@@ -226,6 +226,9 @@ class AdapterSet:
         if name in self.names:
             raise AdapterError(f"an adapter named '{name}' is already loaded: delete it first or choose another name")
         config, paths, tensors = read_lora_adapter(self.model, adapter_dir, self.base_layers)
+        if config.get("modules_to_save"):  # whole modules would replace the base's for every adapter
+            raise AdapterError(f"'{adapter_dir}' also trains whole modules ({', '.join(config['modules_to_save'])}), "
+                               "which cannot be shared with other adapters: merge it (slimtune merge) and serve the result")
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         layer_class = DoRALinear if config.get("use_dora") else LoRALinear
         # Every layer is built (and so checked: rank, alpha) before the model changes, so a bad adapter

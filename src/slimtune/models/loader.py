@@ -100,15 +100,17 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ):
-    """Load `(model, tokenizer, resolved_path)` ready for attaching adapters (see `load_tokenizer`)."""
-    from transformers import AutoModelForCausalLM
+    """Load `(model, tokenizer, resolved_path)` ready for attaching adapters (see `load_tokenizer`); a
+    vision-language model (config with a `vision_config`) loads with `AutoModelForImageTextToText`."""
+    from slimtune.models.skeleton import model_config
+    from slimtune.models.vision import auto_model_class
 
     resolved = resolve_model(name)
     if dtype == torch.bfloat16:
         resolved = str(bf16_variant(resolved) or resolved)
     tokenizer = load_tokenizer(resolved, name, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model_class(model_config(resolved, trust_remote_code)).from_pretrained(
             resolved, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:

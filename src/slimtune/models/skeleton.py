@@ -51,13 +51,13 @@ def model_config(resolved: str, trust_remote_code: bool = False):
 
 
 def build_skeleton(resolved: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """The causal LM of `resolved` with every parameter on the meta device (and real buffers)."""
-    from transformers import AutoModelForCausalLM
+    """The causal LM (or vision-language model) of `resolved`, every parameter on the meta device (real buffers)."""
+    from slimtune.models.vision import auto_model_class
 
     config = model_config(resolved, trust_remote_code)
     try:
         with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as exc:
         raise ModelLoadError(f"model '{resolved}' is not a causal LM that transformers can build: {exc}") from None
     model.config.use_cache = False

@@ -175,7 +175,8 @@ def stream_quantized(
 def load_quantized_model(name: str, dtype: torch.dtype, device: torch.device, compute_dtype: torch.dtype,
                          skip: tuple[str, ...] = ("lm_head",), on_layer: Callable[[str, nn.Module], None] | None = None
                          ) -> tuple[nn.Module, object, str, list[str], str | None]:
-    """(model, tokenizer, resolved, quantized paths, note) for QLoRA: every linear layer but `skip` in NF4.
+    """(model, tokenizer, resolved, quantized paths, note) for QLoRA: every linear layer but `skip` in NF4;
+    a vision-language model's tower and projector stay in 16 bits (only its language model is quantized).
 
     Streams when it can (peak: the 4-bit model plus about one 16-bit tensor); otherwise loads the whole
     model on the CPU, quantizes it there and then moves it, and `note` says why."""
@@ -184,8 +185,10 @@ def load_quantized_model(name: str, dtype: torch.dtype, device: torch.device, co
 
     resolved = resolve_model(name)
 
+    from slimtune.models.vision import is_vision_path
+
     def wanted(path: str) -> bool:
-        return not any(path == s or path.endswith("." + s) for s in skip)
+        return not is_vision_path(path) and not any(path == s or path.endswith("." + s) for s in skip)
 
     try:
         model, quantized = stream_quantized(resolved, dtype, device, wanted, compute_dtype, on_layer=on_layer)
@@ -194,6 +197,7 @@ def load_quantized_model(name: str, dtype: torch.dtype, device: torch.device, co
     except NotStreamable as why:
         note = f"loading the whole model before quantizing it ({why})"
     model, tokenizer, resolved = load_model(name, dtype=dtype)
-    quantized = quantize_model(model, skip=skip, compute_dtype=compute_dtype)  # on the CPU, before any move
+    vision = tuple(path for path, _ in model.named_modules() if path and is_vision_path(path))
+    quantized = quantize_model(model, skip=skip + vision, compute_dtype=compute_dtype)  # on the CPU, before any move
     model.to(device)
     return model, tokenizer, resolved, quantized, note

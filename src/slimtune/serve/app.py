@@ -30,6 +30,7 @@ from slimtune.serve import schemas
 from slimtune.serve.engine import Delta, Engine, Event, Failed, Finished, Generation
 from slimtune.serve.errors import APIError, FaultBoundary, error_body
 from slimtune.serve.registry import AdapterRegistry
+from slimtune.serve.images import ImageLimits, has_images, image_chat_completion
 from slimtune.serve.route import ServeRouter
 from slimtune.serve.sampling import SamplingParams
 from slimtune.serve.security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, ServeLimits
@@ -51,6 +52,8 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     inflight: int = 0
     router: ServeRouter | None = None  # `model: "auto"` (router.name): the adapter closest to the prompt
+    processor: object = None  # a vision-language model's processor (image parts), else None
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
     async def routed(self, adapter: RowEntry | object, model: str, text: str) -> tuple[RowEntry, str]:
         """(adapter, model name to report): the router's pick when `adapter` is AUTO, else unchanged."""
@@ -285,6 +288,11 @@ def create_app(state: ServerState, api_key: str | None = None, allowed_hosts: fr
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest):
         adapter = state.adapter_for(body.model)
+        if has_images(body):  # image parts: serve/images.py
+            if adapter is AUTO or isinstance(adapter, Mixture):
+                raise APIError(400, f"model {body.model!r}: routing and adapter mixtures serve text requests only; "
+                               "name one adapter or the base model for a request with images", param="model")
+            return await image_chat_completion(state, body, adapter)
         conversation = body.conversation()
         prompt = ChatRenderer(state.tokenizer).encode_prompt(conversation)  # as `slimtune generate` does
         params = state.sampling(body, len(prompt), "messages")

@@ -24,6 +24,7 @@ from slimtune.methods.base import load_base
 from slimtune.serve.app import ServerState, create_app
 from slimtune.serve.engine import Engine
 from slimtune.serve.errors import APIError
+from slimtune.serve.images import ImageLimits
 from slimtune.serve.registry import AdapterRegistry
 from slimtune.serve.route import ServeRouter
 from slimtune.serve.security import ServeLimits, confine_adapter_dir, loopback_hosts
@@ -68,7 +69,8 @@ def trained_on_nf4(adapters: dict[str, str], root: Path) -> bool:
 def build_app(model: str | None = None, adapters: dict[str, str] | None = None, adapter_root: str | Path | None = None,
               api_key: str | None = None, limits: ServeLimits | None = None, device: str = "auto",
               quantize: str = "auto", allowed_hosts: frozenset[str] | None = None,
-              route_name: str | None = "auto", route_threshold: float | None = None):
+              route_name: str | None = "auto", route_threshold: float | None = None,
+              image_root: str | Path | None = None):
     """The FastAPI app serving `model` with `adapters` (name -> run directory inside `adapter_root`,
     default: the working directory). The engine thread starts and stops with the app. With
     `allowed_hosts`, requests with any other Host header are refused (403).
@@ -76,7 +78,8 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
     `quantize`: 'nf4' freezes the base's linear layers in NF4 (the base QLoRA adapters were trained on),
     'none' keeps them as loaded, 'auto' picks nf4 when every startup adapter is a QLoRA run.
     `route_name` (None: no routing) is the model name that routes each request to the closest adapter
-    (slimtune.routing); `route_threshold` overrides each signature's own threshold."""
+    (slimtune.routing); `route_threshold` overrides each signature's own threshold.
+    `image_root`: the only directory local image paths of a vision-language model's requests may name."""
     adapters = dict(adapters or {})
     limits = limits or ServeLimits()
     root = Path(adapter_root if adapter_root is not None else Path.cwd()).expanduser()
@@ -103,12 +106,21 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
     except ValueError as exc:
         raise SlimtuneError(f"cannot serve '{base_name}': {exc}") from None
     context = int(getattr(base.config, "max_position_embeddings", 0) or limits.max_prompt_tokens + limits.max_tokens)
-    state = ServerState(engine, registry, tokenizer, base_name, limits, context)
+    state = ServerState(engine, registry, tokenizer, base_name, limits, context, processor=_processor(base_name),
+                        image_limits=ImageLimits(root=Path(image_root).expanduser() if image_root else None))
     if route_name:
         if route_name in (base_name, *adapters):
             raise SlimtuneError(f"--route-name {route_name!r} is also the name of a served model: choose another")
         state.router = ServeRouter(route_name, registry, base, tokenizer, route_threshold)
     return create_app(state, api_key, allowed_hosts)
+
+
+def _processor(base_name: str):
+    """A vision-language base's processor (image requests), else None."""
+    from slimtune.models.loader import resolve_model
+    from slimtune.models.vision import processor_for
+
+    return processor_for(resolve_model(base_name), base_name)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -140,7 +152,7 @@ def serve(model: str | None = None, adapters: dict[str, str] | None = None, host
           api_key: str | None = None, adapter_root: str | Path | None = None, limits: ServeLimits | None = None,
           device: str = "auto", console: Console | None = None, quantize: str = "auto",
           allow_hosts: tuple[str, ...] = (), route_name: str | None = "auto",
-          route_threshold: float | None = None) -> None:
+          route_threshold: float | None = None, image_root: str | Path | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM, which finish the open responses (up to 30 s) and return.
 
     On a loopback address only requests whose Host header names localhost, 127.0.0.1, [::1] or one of
@@ -151,7 +163,7 @@ def serve(model: str | None = None, adapters: dict[str, str] | None = None, host
     sock = bind(host, port)  # before loading the model: a taken port fails in a second, not after the load
     allowed = loopback_hosts(sock.getsockname()[1], allow_hosts) if _is_loopback(host) else None
     app = build_app(model, adapters, adapter_root, api_key, limits, device, quantize, allowed, route_name,
-                    route_threshold)
+                    route_threshold, image_root)
     state: ServerState = app.state.server
     listen = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}/v1"
     offered = ", ".join([state.base_name, *state.registry.paths])

@@ -16,8 +16,10 @@ from slimtune.data.render import IGNORE_INDEX
 from slimtune.train.chunked_ce import chunked_cross_entropy_sum
 
 # Keyword arguments the decoder understands; packed batches add position ids and boundaries.
+# Vision-language models also take their images (and Qwen-VL its per-token modality ids).
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
-                 "max_length_q", "max_length_k")
+                 "max_length_q", "max_length_k", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+                 "pixel_attention_mask", "image_sizes")
 
 
 def _plain_head(model: nn.Module) -> bool:
