@@ -1,4 +1,5 @@
-"""Serving load: many concurrent clients against `slimtune serve`, mixed adapters vs one merged model.
+"""Serving load: many concurrent clients against `slimtune serve`: mixed adapters vs one merged model, or
+vs the peer `transformers serve --continuous-batching`.
 
 The same requests (chat prompts, each for a randomly chosen adapter, greedy, `ignore_eos` so every
 reply is exactly `--max-tokens` tokens long) are sent by `--clients` concurrent streaming clients (the
@@ -19,6 +20,15 @@ does not depend on what the weights say, and random weights keep the bench self-
     python bench/serve_load.py                                  # 64 clients x 2 requests, 64 tokens each
     python bench/serve_load.py --mode mixed --duration 60       # only the mixed-adapter server, for 60 s
     python bench/serve_load.py --rounds 2 --threads 1 --json-out bench/results/serve_load.json
+
+`--mode peer` compares against `transformers serve --continuous-batching` (same model, same machine, one
+server at a time): our server holds one adapter and every other request is for the base model (mixed
+batches); the peer serves the base model. The peer has no `ignore_eos`, so both sides get the prompts of
+`LONG_PROMPTS`, whose greedy replies run past 64 tokens, and a request counts only if it got exactly
+`--max-tokens` tokens. `--clients` may list several loads (`32,64`); each runs `--requests` = 2 x clients
+unless given. Prints output tokens/s of both and the ratio slimtune / peer, pooled over the rounds.
+
+    python bench/serve_load.py --mode peer --clients 32,64 --max-tokens 32 --rounds 2
 """
 
 from __future__ import annotations
@@ -50,6 +60,16 @@ PROMPTS = [
     "Translate 'good morning, how are you?' into French and Spanish.",
     "Give me a recipe idea with rice, eggs and spinach.",
     "Why is the sky blue? Answer briefly.",
+]
+
+# Prompts whose greedy replies from the bundled model run past 64 tokens (the peer cannot ignore EOS).
+LONG_PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is to a new programmer.",
+    "List three uses of a paper clip.",
+    "What should I pack for a weekend hike?",
+    "Give me a recipe idea with rice, eggs and spinach.",
+    "Describe a busy market in the morning.",
 ]
 
 
@@ -110,7 +130,42 @@ class Server:
         self.log.close()
 
 
-async def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
+class PeerServer:
+    """`transformers serve --continuous-batching MODEL` in a subprocess on a free port (the model preloaded)."""
+
+    def __init__(self, model_dir: str, log_path: Path, threads: int | None = None, startup_timeout: float = 600) -> None:
+        import socket
+        import urllib.request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        transformers_cli = Path(sys.executable).with_name("transformers")
+        self.log = log_path.open("w", encoding="utf-8")
+        self.process = subprocess.Popen([str(transformers_cli), "serve", "--continuous-batching", "--device", "cpu",
+                                         "--host", "127.0.0.1", "--port", str(port), model_dir],
+                                        env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the peer did not start; see {log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5):
+                    break
+            except OSError:
+                time.sleep(1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+        self.log.close()
+
+
+async def one_request(client, model: str, prompt: str, max_tokens: int, ignore_eos: bool = True) -> dict:
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -118,7 +173,7 @@ async def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True} if ignore_eos else None)
         async for chunk in stream:
             if chunk.choices:
                 if chunk.choices[0].delta.content and first is None:
@@ -134,13 +189,13 @@ async def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
 
 
 async def run_load(url: str, requests: list[tuple[str, str]], clients: int, max_tokens: int,
-                   duration: float | None) -> dict:
+                   duration: float | None, ignore_eos: bool = True) -> dict:
     """`clients` workers take requests from the list in turn (cycling through it for `duration` seconds, if
     given); returns the summary."""
     from openai import AsyncOpenAI
 
     async with AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=1800) as client:
-        await one_request(client, requests[0][0], "Hello", 4)  # warm-up: first-call costs stay out of the figures
+        await one_request(client, requests[0][0], "Hello", 4, ignore_eos)  # warm-up: first-call costs stay out of the figures
         results: list[dict] = []
         next_index = 0
         start = time.perf_counter()
@@ -155,7 +210,7 @@ async def run_load(url: str, requests: list[tuple[str, str]], clients: int, max_
                     return
                 model, prompt = requests[next_index % len(requests)]
                 next_index += 1
-                results.append(await one_request(client, model, prompt, max_tokens))
+                results.append(await one_request(client, model, prompt, max_tokens, ignore_eos))
 
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
@@ -178,13 +233,15 @@ async def run_load(url: str, requests: list[tuple[str, str]], clients: int, max_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="base model (slimtune.models.resolve_model name)")
-    parser.add_argument("--clients", type=int, default=64, help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=128, help="requests in all (ignored with --duration)")
+    parser.add_argument("--clients", default="64", help="concurrent clients; several loads: 32,64")
+    parser.add_argument("--requests", type=int, help="requests in all per load (default 2 x clients; ignored with "
+                        "--duration)")
     parser.add_argument("--duration", type=float, help="send requests for this many seconds instead of a fixed count")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--adapters", type=int, default=4, help="adapters on the mixed server")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--mode", choices=["compare", "mixed", "merged"], default="compare")
+    parser.add_argument("--mode", choices=["compare", "mixed", "merged", "peer"], default="compare",
+                        help="compare: mixed vs merged; peer: slimtune (half adapter, half base) vs transformers serve")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of each server")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the servers (default: torch's choice)")
@@ -197,50 +254,74 @@ def main() -> None:
 
     model_dir = resolve_model(args.model)
     rng = random.Random(args.seed)
+    loads = [int(c) for c in str(args.clients).split(",")]
+    peer = args.mode == "peer"
+    if peer:
+        args.adapters = 1
     with tempfile.TemporaryDirectory(prefix="slimtune-serve-bench-") as tmp:
         root = Path(tmp)
         print(f"making {args.adapters} random rank-{args.rank} adapters on {args.model} ...", flush=True)
         names = make_adapters(model_dir, root, args.adapters, args.rank)
-        choices = [(rng.choice(names), rng.choice(PROMPTS)) for _ in range(args.requests)]
-        modes = ["mixed", "merged"] if args.mode == "compare" else [args.mode]
+        modes = {"compare": ["mixed", "merged"], "peer": ["half", "peer"]}.get(args.mode, [args.mode])
         merged = merge_run(root / names[0], root / "merged") if "merged" in modes else None
-        servers = {
-            "mixed": (["--model", model_dir, "--adapter-root", str(root), *(f"--adapter={n}={n}" for n in names)],
-                      choices),
-            "merged": (["--model", str(merged), "--adapter-root", str(root)],
-                       [(str(merged), prompt) for _, prompt in choices]),
+        server_args = {
+            "mixed": ["--model", model_dir, "--adapter-root", str(root), *(f"--adapter={n}={n}" for n in names)],
+            "half": ["--model", model_dir, "--adapter-root", str(root), f"--adapter={names[0]}={names[0]}"],
+            "merged": ["--model", str(merged), "--adapter-root", str(root)],
         }
         rounds: list[dict] = []
-        for round_index in range(args.rounds):
-            for mode in modes if round_index % 2 == 0 else modes[::-1]:
-                server_args, requests = servers[mode]
-                server = Server(server_args, root, root / f"{mode}-{round_index}.log", args.threads)
-                try:
-                    print(f"round {round_index + 1}, {mode}: {args.clients} clients ...", flush=True)
-                    result = asyncio.run(run_load(server.url, requests, args.clients, args.max_tokens, args.duration))
-                finally:
-                    server.stop()
-                rounds.append({"round": round_index + 1, "mode": mode, **result})
+        for clients in loads:
+            count = args.requests or 2 * clients
+            prompts = [rng.choice(LONG_PROMPTS if peer else PROMPTS) for _ in range(count)]
+            requests = {
+                "mixed": [(rng.choice(names), prompt) for prompt in prompts],
+                "merged": [(str(merged), prompt) for prompt in prompts],
+                # every other request for the adapter, the others for the base model (whose id is --model)
+                "half": [(names[0] if i % 2 == 0 else model_dir, prompt) for i, prompt in enumerate(prompts)],
+                "peer": [(model_dir, prompt) for prompt in prompts],
+            }
+            for round_index in range(args.rounds):
+                for mode in modes if round_index % 2 == 0 else modes[::-1]:
+                    log_path = root / f"{mode}-{clients}-{round_index}.log"
+                    if mode == "peer":
+                        server = PeerServer(model_dir, log_path, args.threads)
+                    else:
+                        server = Server(server_args[mode], root, log_path, args.threads)
+                    try:
+                        print(f"round {round_index + 1}, {mode}: {clients} clients ...", flush=True)
+                        result = asyncio.run(run_load(server.url, requests[mode], clients, args.max_tokens,
+                                                      args.duration, ignore_eos=mode != "peer"))
+                    finally:
+                        server.stop()
+                    rounds.append({"clients": clients, "round": round_index + 1, "mode": mode, **result})
 
     print()
-    print(f"{args.clients} concurrent clients, {args.max_tokens} output tokens per request, model {args.model}, "
-          f"{os.cpu_count()} CPU cores, server threads: {args.threads or 'default'}")
-    print("| server | round | requests | failures | latency p50 / p95 s | TTFT p50 / p95 s | output tokens/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    labels = {"mixed": f"{args.adapters} adapters, mixed batches", "merged": "one merged model"}
+    print(f"{args.max_tokens} output tokens per request, model {args.model}, {os.cpu_count()} CPU cores, "
+          f"server threads: {args.threads or 'default'}")
+    print("| server | clients | round | requests | failures | latency p50 / p95 s | TTFT p50 / p95 s | output tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    labels = {"mixed": f"{args.adapters} adapters, mixed batches", "merged": "one merged model",
+              "half": "slimtune serve, half adapter / half base", "peer": "transformers serve --continuous-batching"}
     for r in rounds:
-        print(f"| {labels[r['mode']]} | {r['round']} | {r['requests']} | {r['failures']} | "
+        print(f"| {labels[r['mode']]} | {r['clients']} | {r['round']} | {r['requests']} | {r['failures']} | "
               f"{r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
               f"{r['output_tokens_per_s']:.1f} |")
         for error in r["errors"]:
             print(f"  failure: {error}")
-    pooled = {mode: sum(r["output_tokens"] for r in rounds if r["mode"] == mode) /
-              sum(r["wall_s"] for r in rounds if r["mode"] == mode) for mode in modes}
-    results = {"rounds": rounds, "pooled_tokens_per_s": pooled}
-    if len(pooled) == 2:
-        results["ratio_mixed_over_merged"] = ratio = pooled["mixed"] / pooled["merged"]
-        print(f"\npooled output tokens/s: mixed {pooled['mixed']:.1f}, merged {pooled['merged']:.1f}; "
-              f"mixed / merged = {ratio:.2f} (goal >= 0.8)")
+    results: dict = {"rounds": rounds, "pooled_tokens_per_s": {}}
+    print()
+    for clients in loads:
+        mine = [r for r in rounds if r["clients"] == clients]
+        pooled = {mode: sum(r["output_tokens"] for r in mine if r["mode"] == mode) /
+                  sum(r["wall_s"] for r in mine if r["mode"] == mode) for mode in modes}
+        results["pooled_tokens_per_s"][clients] = pooled
+        if len(modes) == 2:
+            ours, theirs = modes
+            ratio = pooled[ours] / pooled[theirs]
+            results.setdefault("ratio", {})[clients] = ratio
+            goal = "goal >= 2" if peer else "goal >= 0.8"
+            print(f"{clients} clients, pooled output tokens/s: {ours} {pooled[ours]:.1f}, {theirs} {pooled[theirs]:.1f}; "
+                  f"{ours} / {theirs} = {ratio:.2f} ({goal}); failures {sum(r['failures'] for r in mine)}")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")

@@ -130,6 +130,12 @@ def _adapter_names(entry: RowEntry) -> list[str]:
     return [] if entry is None else [entry]
 
 
+def _capacity(rows: list[Generation]) -> int:
+    """Cache columns the decode batch of `rows` can come to need before its rows change (kvbatch.py): the
+    longest prompt + max_tokens among them, the width the KV budget already counts (kvbudget.py)."""
+    return max((g.max_length for g in rows), default=0)
+
+
 class Engine:
     """Owns `model` (with `adapters`) on one thread and decodes all requests together."""
 
@@ -263,14 +269,14 @@ class Engine:
         joining.add(cache, mask)
         joining.keep(alive)
         if alive:
-            self._batch.add(joining.cache, joining.mask)
             self._rows.extend(group[i] for i in alive)
+            self._batch.add(joining.cache, joining.mask, _capacity(self._rows))
 
     @torch.no_grad()
     def _decode_step(self) -> None:
         live = [i for i, g in enumerate(self._rows) if not g.cancelled]
-        self._batch.keep(live)
         self._rows = [self._rows[i] for i in live]
+        self._batch.keep(live, _capacity(self._rows))
         if not self._rows:
             return
         input_ids = torch.tensor([[g.last_token] for g in self._rows], device=self.device)  # (rows, 1)
@@ -280,8 +286,8 @@ class Engine:
                                 cache=self._batch.cache, use_cache=True).logits[:, -1]
         self._batch.advance(attention_mask)
         alive = self._take_tokens(self._rows, logits)
-        self._batch.keep(alive)
         self._rows = [self._rows[i] for i in alive]
+        self._batch.keep(alive, _capacity(self._rows))
 
     def _take_tokens(self, rows: list[Generation], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token, send its text and, if it is done, its end; returns the rows that go on."""

@@ -12,6 +12,15 @@ padding being masked out of every attention.
 - each decode step appends one column (every row's new token): `step_inputs`, then `advance`;
 - `keep` drops finished rows, then the left columns that only padding uses any more, so the width stays
   the longest live sequence, not the longest one ever served.
+
+Room to grow: each layer's keys and values live in buffers (rows, kv_heads, capacity, head_dim) and the
+cache holds views of their first `width` columns (`PreallocatedLayer`). A decode step writes its column
+in place, so it copies one column per layer rather than the whole cache (what `DynamicLayer`'s
+concatenation costs: O(width) per step, O(width^2) per reply). `add` and `keep`, which change the rows
+anyway, copy into new buffers of the `capacity` the caller gives: the engine gives the longest
+prompt + max_tokens among the rows, which bounds the width until the rows change (every row grows by one
+column per step and the widest one ends by then), and is the bound the KV budget counts (kvbudget.py). A
+step past the capacity still works: the buffer is reallocated twice as wide.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
 
 # Attention layers whose keys and values the batch can hold as a plain full-length cache.
 _SERVABLE_LAYERS = {"full_attention", "sliding_attention"}
@@ -60,6 +69,46 @@ def prefill_inputs(prompts: list[list[int]], pad_id: int, device: torch.device
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A cache layer whose `keys` / `values` (rows, kv_heads, width, head_dim) are views of the first `width`
+    columns of buffers with room for `capacity`; `update` writes new columns in place (module docstring).
+    The columns past `width` are never read: every view stops at `width`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._key_buffer is None else self._key_buffer.shape[2]
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        """Copy `keys` and `values` (rows, kv_heads, width, head_dim) into new buffers of max(capacity, width) columns."""
+        rows, heads, width, dim = keys.shape
+        self._key_buffer = keys.new_empty((rows, heads, max(capacity, width), dim))
+        self._value_buffer = values.new_empty((rows, values.shape[1], max(capacity, width), values.shape[3]))
+        self._key_buffer[:, :, :width].copy_(keys)
+        self._value_buffer[:, :, :width].copy_(values)
+        self.keys, self.values = self._key_buffer[:, :, :width], self._value_buffer[:, :, :width]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `key_states` / `value_states` (rows, kv_heads, new, head_dim) as the next columns."""
+        if not self.is_initialized:
+            self.hold(key_states, value_states, key_states.shape[2])
+            return self.keys, self.values
+        start = self.keys.shape[2]
+        end = start + key_states.shape[2]
+        if end > self.capacity:  # nobody reserved enough: amortised doubling, still O(1) per step
+            self.hold(self.keys, self.values, max(end, 2 * self.capacity))
+        self._key_buffer[:, :, start:end].copy_(key_states)
+        self._value_buffer[:, :, start:end].copy_(value_states)
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - tensor.shape[dim]
     if missing == 0:
@@ -84,15 +133,19 @@ class DecodeBatch:
     def width(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def add(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append rows from a prefill: `cache` holds (new rows, kv_heads, w, head_dim) per layer, `mask` (new rows, w)."""
+    def add(self, cache: DynamicCache, mask: torch.Tensor, capacity: int = 0) -> None:
+        """Append rows from a prefill: `cache` holds (new rows, kv_heads, w, head_dim) per layer, `mask` (new rows, w).
+        `capacity`: columns to make room for (module docstring); the batch's layers become `PreallocatedLayer`s."""
         if self.cache is None:
             self.cache, self.mask = cache, mask
+            for index, layer in enumerate(cache.layers):
+                cache.layers[index] = held = PreallocatedLayer()
+                held.hold(layer.keys, layer.values, capacity)
             return
         width = max(self.width, mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+            mine.hold(torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]),
+                      torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]), capacity)
         self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +157,8 @@ class DecodeBatch:
         """After the step's forward (which grew the cache by one column): that column is real in every row."""
         self.mask = attention_mask
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (in this order); drop the left columns no kept row uses."""
+    def keep(self, rows: list[int], capacity: int = 0) -> None:
+        """Keep only `rows` (in this order); drop the left columns no kept row uses. `capacity` as in `add`."""
         if len(rows) == self.rows:
             return
         if not rows:
@@ -116,5 +169,5 @@ class DecodeBatch:
         start = int(mask.any(dim=0).nonzero()[0])  # first column some kept row uses
         self.mask = mask[:, start:]
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+            layer.hold(layer.keys.index_select(0, index)[:, :, start:],
+                       layer.values.index_select(0, index)[:, :, start:], capacity)
