@@ -133,7 +133,8 @@ class Server:
 class PeerServer:
     """`transformers serve --continuous-batching MODEL` in a subprocess on a free port (the model preloaded)."""
 
-    def __init__(self, model_dir: str, log_path: Path, threads: int | None = None, startup_timeout: float = 600) -> None:
+    def __init__(self, model_dir: str, log_path: Path, threads: int | None = None, dtype: str = "auto",
+                 startup_timeout: float = 600) -> None:
         import socket
         import urllib.request
 
@@ -146,7 +147,7 @@ class PeerServer:
         transformers_cli = Path(sys.executable).with_name("transformers")
         self.log = log_path.open("w", encoding="utf-8")
         self.process = subprocess.Popen([str(transformers_cli), "serve", "--continuous-batching", "--device", "cpu",
-                                         "--host", "127.0.0.1", "--port", str(port), model_dir],
+                                         "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, model_dir],
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + startup_timeout
@@ -245,6 +246,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of each server")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the servers (default: torch's choice)")
+    parser.add_argument("--dtype", default="auto", help="weights' dtype of every server (auto: as loaded, fp32; "
+                        "bfloat16)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
 
@@ -269,6 +272,8 @@ def main() -> None:
             "half": ["--model", model_dir, "--adapter-root", str(root), f"--adapter={names[0]}={names[0]}"],
             "merged": ["--model", str(merged), "--adapter-root", str(root)],
         }
+        for mode_args in server_args.values():
+            mode_args += ["--dtype", args.dtype]
         rounds: list[dict] = []
         for clients in loads:
             count = args.requests or 2 * clients
@@ -284,7 +289,7 @@ def main() -> None:
                 for mode in modes if round_index % 2 == 0 else modes[::-1]:
                     log_path = root / f"{mode}-{clients}-{round_index}.log"
                     if mode == "peer":
-                        server = PeerServer(model_dir, log_path, args.threads)
+                        server = PeerServer(model_dir, log_path, args.threads, args.dtype)
                     else:
                         server = Server(server_args[mode], root, log_path, args.threads)
                     try:
@@ -297,7 +302,7 @@ def main() -> None:
 
     print()
     print(f"{args.max_tokens} output tokens per request, model {args.model}, {os.cpu_count()} CPU cores, "
-          f"server threads: {args.threads or 'default'}")
+          f"server threads: {args.threads or 'default'}, weights: {args.dtype}")
     print("| server | clients | round | requests | failures | latency p50 / p95 s | TTFT p50 / p95 s | output tokens/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     labels = {"mixed": f"{args.adapters} adapters, mixed batches", "merged": "one merged model",

@@ -34,6 +34,8 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
     (["--adapter", "a=missing"], "no directory"),
     ([], "no base model: pass --model"),
     (["--model", "m", "--adapter-root", "/no/such/dir"], "adapter root '/no/such/dir' is not a directory"),
+    (["--model", "m", "--dtype", "float16"], "--dtype 'float16': use auto, float32 or bfloat16"),
+    (["--model", "m", "--quantize", "nf4", "--dtype", "bfloat16"], "--dtype bfloat16 with an NF4 base"),
 ])
 def test_bad_options_are_one_line_errors(monkeypatch, capsys, adapter_root, args, fragment):
     monkeypatch.chdir(adapter_root)

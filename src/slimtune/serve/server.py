@@ -14,6 +14,7 @@ import signal
 import socket
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -70,7 +71,7 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
               api_key: str | None = None, limits: ServeLimits | None = None, device: str = "auto",
               quantize: str = "auto", allowed_hosts: frozenset[str] | None = None,
               route_name: str | None = "auto", route_threshold: float | None = None,
-              image_root: str | Path | None = None):
+              image_root: str | Path | None = None, dtype: str = "auto"):
     """The FastAPI app serving `model` with `adapters` (name -> run directory inside `adapter_root`,
     default: the working directory). The engine thread starts and stops with the app. With
     `allowed_hosts`, requests with any other Host header are refused (403).
@@ -79,7 +80,9 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
     'none' keeps them as loaded, 'auto' picks nf4 when every startup adapter is a QLoRA run.
     `route_name` (None: no routing) is the model name that routes each request to the closest adapter
     (slimtune.routing); `route_threshold` overrides each signature's own threshold.
-    `image_root`: the only directory local image paths of a vision-language model's requests may name."""
+    `image_root`: the only directory local image paths of a vision-language model's requests may name.
+    `dtype`: 'auto' keeps the base's weights as loaded, 'float32' / 'bfloat16' casts them (an explicit choice:
+    bf16 weights decode faster where bf16 matmuls are fast, but greedy replies can differ from fp32's)."""
     adapters = dict(adapters or {})
     limits = limits or ServeLimits()
     root = Path(adapter_root if adapter_root is not None else Path.cwd()).expanduser()
@@ -90,10 +93,11 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
     if quantize not in ("auto", "none", "nf4"):
         raise SlimtuneError(f"--quantize {quantize!r}: use auto, none or nf4")
     quantized = quantize == "nf4" or (quantize == "auto" and trained_on_nf4(adapters, root))
+    weights_dtype = _weights_dtype(dtype, quantized)
     # As load_run rebuilds a QLoRA run's base (streamed, one layer at a time), so replies equal
     # `slimtune generate`'s.
     base, tokenizer = load_base(base_name, quantized)
-    base.to(resolve_device(device)).eval()
+    base.to(resolve_device(device), dtype=weights_dtype).eval()
     adapter_set = AdapterSet(base)
     registry = AdapterRegistry(adapter_set, root, base_name, quantized, limits.max_adapters)
     for name, path_text in adapters.items():
@@ -113,6 +117,17 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
             raise SlimtuneError(f"--route-name {route_name!r} is also the name of a served model: choose another")
         state.router = ServeRouter(route_name, registry, base, tokenizer, route_threshold)
     return create_app(state, api_key, allowed_hosts)
+
+
+def _weights_dtype(dtype: str, quantized: bool) -> torch.dtype | None:
+    """The dtype `--dtype` asks for (None: as loaded); checked before the model loads."""
+    choices = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in choices:
+        raise SlimtuneError(f"--dtype {dtype!r}: use auto, float32 or bfloat16")
+    if quantized and choices[dtype] is not None:
+        raise SlimtuneError(f"--dtype {dtype} with an NF4 base: the NF4 base keeps its own dtypes; drop --dtype "
+                            "or pass --quantize none")
+    return choices[dtype]
 
 
 def _processor(base_name: str):
@@ -152,7 +167,7 @@ def serve(model: str | None = None, adapters: dict[str, str] | None = None, host
           api_key: str | None = None, adapter_root: str | Path | None = None, limits: ServeLimits | None = None,
           device: str = "auto", console: Console | None = None, quantize: str = "auto",
           allow_hosts: tuple[str, ...] = (), route_name: str | None = "auto",
-          route_threshold: float | None = None, image_root: str | Path | None = None) -> None:
+          route_threshold: float | None = None, image_root: str | Path | None = None, dtype: str = "auto") -> None:
     """Serve until Ctrl-C or SIGTERM, which finish the open responses (up to 30 s) and return.
 
     On a loopback address only requests whose Host header names localhost, 127.0.0.1, [::1] or one of
@@ -163,7 +178,7 @@ def serve(model: str | None = None, adapters: dict[str, str] | None = None, host
     sock = bind(host, port)  # before loading the model: a taken port fails in a second, not after the load
     allowed = loopback_hosts(sock.getsockname()[1], allow_hosts) if _is_loopback(host) else None
     app = build_app(model, adapters, adapter_root, api_key, limits, device, quantize, allowed, route_name,
-                    route_threshold, image_root)
+                    route_threshold, image_root, dtype)
     state: ServerState = app.state.server
     listen = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}/v1"
     offered = ", ".join([state.base_name, *state.registry.paths])
