@@ -65,3 +65,15 @@ def start_server(app) -> RunningServer:
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     return RunningServer(f"http://127.0.0.1:{sock.getsockname()[1]}", app, server, thread)
+
+
+def make_engine(model_dir: Path, adapter_root: Path, max_batch: int = 8):
+    """An engine (not started) on the model in `model_dir` with every adapter of `ADAPTERS` loaded from `adapter_root`."""
+    from slimtune.methods.multi import AdapterSet
+    from slimtune.serve.engine import Engine
+
+    model, tokenizer, _ = load_model(str(model_dir))
+    adapters = AdapterSet(model.eval())
+    for name in ADAPTERS:
+        adapters.load(adapter_root / name, name)
+    return Engine(model, tokenizer, adapters, max_batch=max_batch)

@@ -7,21 +7,15 @@ import time
 
 import pytest
 
-from slimtune.methods.multi import AdapterSet
-from slimtune.models import load_model
-from slimtune.serve.engine import Delta, Engine, Failed, Finished, Generation
+from slimtune.serve.engine import Delta, Failed, Finished, Generation
 from slimtune.serve.sampling import SamplingParams
 
-from serve.support import ADAPTERS
+from serve.support import make_engine
 
 
 @pytest.fixture
 def engine(tiny_model_dir, adapter_root):
-    model, tokenizer, _ = load_model(str(tiny_model_dir))
-    adapters = AdapterSet(model.eval())
-    for name in ADAPTERS:
-        adapters.load(adapter_root / name, name)
-    engine = Engine(model, tokenizer, adapters, max_batch=8)
+    engine = make_engine(tiny_model_dir, adapter_root)
     engine.start()
     yield engine
     engine.stop()

@@ -9,12 +9,11 @@ import torch
 from transformers import DynamicCache
 
 from slimtune.methods.multi import AdapterSet
-from slimtune.models import load_model
-from slimtune.serve.engine import Engine, Generation
+from slimtune.serve.engine import Generation
 from slimtune.serve.kvbatch import DecodeBatch, PreallocatedLayer
 from slimtune.serve.sampling import SamplingParams
 
-from serve.support import ADAPTERS
+from serve.support import make_engine
 
 
 def test_layer_update_writes_in_place_and_grows_when_full():
@@ -62,11 +61,7 @@ def naive_greedy(model, adapters: AdapterSet, prompt: list[int], adapter: str | 
 
 @pytest.fixture
 def engine(tiny_model_dir, adapter_root):
-    model, tokenizer, _ = load_model(str(tiny_model_dir))
-    adapters = AdapterSet(model.eval())
-    for name in ADAPTERS:
-        adapters.load(adapter_root / name, name)
-    return Engine(model, tokenizer, adapters, max_batch=8)  # driven turn by turn here, without its thread
+    return make_engine(tiny_model_dir, adapter_root)  # driven turn by turn here, without its thread
 
 
 # (turn it arrives at, prompt, adapter, max_tokens): rows join mid-decode and leave at different steps.
