@@ -177,7 +177,8 @@ class LongLoRAMethod(LoRAMethod, FrozenCopies):
 
     def __init__(self, name: str, model: nn.Module, originals: dict[str, torch.Tensor], rope: RopeState,
                  group_ratio: float = 0.25) -> None:
-        FrozenCopies.__init__(self, name, model, originals)
+        LoRAMethod.__init__(self, name, model)  # no fully trained vision parts; its super() is FrozenCopies
+        self.originals = originals
         self.rope, self.group_ratio = rope, group_ratio
 
     def trainable_parameters(self) -> list[nn.Parameter]:
