@@ -201,6 +201,7 @@ class LongLoRA(Method):
     with modules_to_save (embeddings, norms) + config.json with the interpolated RoPE."""
 
     name = "longlora"
+    keeps_base_copies = True  # the embeddings' and norms' original values, for the base view
     summary = "longer context: S2-Attn training, interpolated RoPE, LoRA + embeddings + norms (longlora.*)"
     sections = {"lora": ("r", "alpha", "dropout", "targets", "rslora"), "longlora": None}
     equivalents = {"freeze.train_embeddings": "longlora.trainable", "freeze.train_norms": "longlora.trainable"}
