@@ -6,7 +6,7 @@ RSS (VmHWM) at start, so the figure is its own. The prediction is `slimtune.plan
 the very same config and data, made in this process. On a GPU the measured figure is
 `torch.cuda.max_memory_allocated`.
 
-    python bench/plan_check.py                                   # the bundled model, all six methods
+    python bench/plan_check.py                                   # the bundled model, every method
     python bench/plan_check.py --llama 1b --methods lora,qlora   # a random Llama-shaped 1.2B model
     python bench/plan_check.py --llama 3b --methods lora,qlora   # ... 3.2B (needs ~16 GB free RAM)
 
@@ -50,7 +50,7 @@ with ExitStack() as stack:
     built = build_run(checked, console, stack)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with training_mode(built.model, cfg.train, console):
+    with training_mode(built.model, cfg.train, console), built.attached.training_patches():
         summary = run_training(built.model, built.attached, checked.train_set, cfg.train,
                                checked.tokenizer.pad_token_id, cfg.output / "metrics.jsonl", console,
                                device=checked.device, precision=built.precision, packing=built.packing,
@@ -99,7 +99,7 @@ def config_for(model: str, method: str, train: Path, out: Path, steps: int, batc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="lora,qlora,dora,adalora,freeze,full")
+    parser.add_argument("--methods", default="lora,qlora,dora,adalora,freeze,full,longlora")
     parser.add_argument("--llama", choices=sorted(LLAMA), help="a random Llama-shaped model instead of the bundled one")
     parser.add_argument("--steps", type=int, default=2, help="2 suffice: the optimizer states exist from step 2 on")
     parser.add_argument("--batch-size", type=int, default=2)
