@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the servers (default: torch's choice)")
     parser.add_argument("--dtype", default="auto", help="weights' dtype of every server (auto: as loaded, fp32; "
                         "bfloat16)")
+    parser.add_argument("--peer-dtype", help="the peer's weights' dtype (default: --dtype)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
 
@@ -289,7 +290,7 @@ def main() -> None:
                 for mode in modes if round_index % 2 == 0 else modes[::-1]:
                     log_path = root / f"{mode}-{clients}-{round_index}.log"
                     if mode == "peer":
-                        server = PeerServer(model_dir, log_path, args.threads, args.dtype)
+                        server = PeerServer(model_dir, log_path, args.threads, args.peer_dtype or args.dtype)
                     else:
                         server = Server(server_args[mode], root, log_path, args.threads)
                     try:
@@ -302,7 +303,8 @@ def main() -> None:
 
     print()
     print(f"{args.max_tokens} output tokens per request, model {args.model}, {os.cpu_count()} CPU cores, "
-          f"server threads: {args.threads or 'default'}, weights: {args.dtype}")
+          f"server threads: {args.threads or 'default'}, weights: {args.dtype}"
+          + (f" (peer: {args.peer_dtype or args.dtype})" if peer else ""))
     print("| server | clients | round | requests | failures | latency p50 / p95 s | TTFT p50 / p95 s | output tokens/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     labels = {"mixed": f"{args.adapters} adapters, mixed batches", "merged": "one merged model",

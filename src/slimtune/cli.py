@@ -288,8 +288,8 @@ def serve(
         help="Vision-language models: the only directory local image paths in requests may name (default: none, "
              "only data: URLs).")] = None,
     dtype: Annotated[str, typer.Option(
-        help="Weights of the base model: auto keeps them as loaded (fp32); bfloat16 halves their memory and, on "
-             "CPUs with fast bf16 matmuls, decodes faster, but greedy replies can differ from fp32's.")] = "auto",
+        help="Weights of the base model: auto keeps them as loaded (fp32); bfloat16 halves their memory, but "
+             "greedy replies can differ from fp32's and whole loads may run slower (README, Serving).")] = "auto",
 ) -> None:
     """Serve the base model and adapters with an OpenAI-compatible API (chat and text completions,
     streaming, adapters loaded and unloaded at run time); requests for different adapters share batches."""

@@ -82,7 +82,8 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
     (slimtune.routing); `route_threshold` overrides each signature's own threshold.
     `image_root`: the only directory local image paths of a vision-language model's requests may name.
     `dtype`: 'auto' keeps the base's weights as loaded, 'float32' / 'bfloat16' casts them (an explicit choice:
-    bf16 weights decode faster where bf16 matmuls are fast, but greedy replies can differ from fp32's)."""
+    bf16 halves the weights' memory and speeds up decode steps where bf16 matmuls are fast, but greedy replies
+    can differ from fp32's)."""
     adapters = dict(adapters or {})
     limits = limits or ServeLimits()
     root = Path(adapter_root if adapter_root is not None else Path.cwd()).expanduser()
