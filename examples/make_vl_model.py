@@ -65,8 +65,7 @@ def build_vl_model(out: Path, text_model: str = "smollm2-135m", seed: int = 0, v
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     # The language side: the bundled model's weights, every tensor accounted for.
-    missing, unexpected = model.model.language_model.load_state_dict(language.model.state_dict(), strict=True)
-    assert not missing and not unexpected, (missing, unexpected)
+    model.model.language_model.load_state_dict(language.model.state_dict(), strict=True)  # raises on any mismatch
     if not config.tie_word_embeddings:
         model.lm_head.weight.data.copy_(language.lm_head.weight.data)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
