@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from slimtune.data import ChatRenderer, Dataset, Message, pad_batch
+from slimtune.data.images import message_text
 from slimtune.train.loss import response_loss_sum
 from slimtune.train.precision import autocast
 from slimtune.train.signals import stop_point
@@ -92,12 +93,6 @@ def generate_replies(
             replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)
     return replies
-
-
-def message_text(message: Message) -> str:
-    """A message's text (text parts joined; image parts left out)."""
-    content = message["content"]
-    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:

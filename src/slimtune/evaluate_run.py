@@ -13,7 +13,8 @@ from slimtune.atomic import reported_write_failures
 from slimtune.config import EvalSettings
 from slimtune.data import load_dataset
 from slimtune.errors import AdapterError, DataError, SlimtuneError
-from slimtune.evaluate import evaluate_model, format_eval_report, message_text
+from slimtune.data.images import message_text
+from slimtune.evaluate import evaluate_model, format_eval_report
 from slimtune.models.vision import run_processor
 from slimtune.runs import EVAL_METRICS, EVAL_REPORT, RUN_CONFIG, open_run, run_config
 from slimtune.train.precision import resolve_device

@@ -30,6 +30,7 @@ from torch import nn
 
 from slimtune.atomic import save_safetensors_atomically
 from slimtune.data import Message
+from slimtune.data.images import message_text
 from slimtune.errors import AdapterError
 
 SIGNATURE_NAME = "routing_signature.safetensors"
@@ -47,12 +48,12 @@ def prompt_text(prompt: str | Sequence[Message]) -> str:
     messages = list(prompt)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return "\n\n".join(str(m["content"]) for m in messages if m["role"] != "assistant")
+    return "\n\n".join(message_text(m) for m in messages if m["role"] != "assistant")
 
 
 def routing_layer(model: nn.Module) -> int:
     """Which hidden state represents prompts: two thirds of the way up the model."""
-    return max(1, (2 * int(model.config.num_hidden_layers)) // 3)
+    return max(1, (2 * int(model.config.get_text_config().num_hidden_layers)) // 3)  # a VL model: its LM's
 
 
 @torch.no_grad()

@@ -32,7 +32,8 @@ from slimtune.atomic import reported_write_failures
 from slimtune.config import Config, TrainSettings
 from slimtune.data import Dataset, load_dataset
 from slimtune.errors import ConfigError, SlimtuneError
-from slimtune.evaluate import evaluate_model, format_metrics_table, message_text
+from slimtune.data.images import message_text
+from slimtune.evaluate import evaluate_model, format_metrics_table
 from slimtune.methods.base import AttachedMethod, Method
 from slimtune.methods.registry import finished_weights
 from slimtune.models import load_model

@@ -100,6 +100,8 @@ def test_frozen_vision_parts_are_bit_equal_and_only_the_language_model_adapts(tr
     assert all("language_model" in t for t in targets) and len(targets) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
     trained_b = [k for k, v in after.items() if k.endswith("lora_B.weight") and v.abs().sum() > 0]
     assert trained_b, "the adapters did not train"
+    # The finish stage routes on the language model's layers and the prompts' text parts.
+    assert (root / "run" / "routing_signature.safetensors").is_file(), "a VL run writes its routing signature"
 
 
 def test_peft_loads_the_adapter_with_the_same_logits_and_merge_matches(trained):

@@ -141,5 +141,11 @@ def load_image(ref: str, source: str, max_pixels: int | None = None):
     return image
 
 
-__all__ = ["IMAGE_PLACEHOLDER", "expand_placeholders", "image_refs", "load_image", "parse_parts", "resolve_ref",
-           "text_only"]
+def message_text(message: dict) -> str:
+    """A message's text (text parts joined; image parts left out)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+__all__ = ["IMAGE_PLACEHOLDER", "expand_placeholders", "image_refs", "load_image", "message_text", "parse_parts",
+           "resolve_ref", "text_only"]
