@@ -53,16 +53,23 @@ def _category(event) -> str:
     return "elementwise"
 
 
-def breakdown(prof: torch.profiler.profile, wall_s: float, steps: int) -> dict[str, float]:
-    """Seconds per step in each category, from the profiled steps' operator self times."""
+def breakdown(prof: torch.profiler.profile, wall_s: float, steps: int) -> tuple[dict[str, float], list]:
+    """Seconds per step in each category, from the profiled steps' operator self times, and the 12
+    operators with the most self time ([category, name, seconds per step])."""
     seconds = dict.fromkeys(CATEGORIES, 0.0)
+    per_op: dict[tuple[str, str], float] = {}
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CPU:
             continue
-        seconds[_category(event)] += event.self_cpu_time_total / 1e6
+        category = _category(event)
+        seconds[category] += event.self_cpu_time_total / 1e6
+        key = (category, event.name)
+        per_op[key] = per_op.get(key, 0.0) + event.self_cpu_time_total / 1e6
     traced = sum(seconds.values())
     seconds["untraced"] = max(0.0, wall_s - traced)
-    return {name: value / steps for name, value in seconds.items()}
+    top = sorted(per_op.items(), key=lambda item: -item[1])[:12]
+    return ({name: value / steps for name, value in seconds.items()},
+            [[category, name, value / steps] for (category, name), value in top])
 
 
 class StepClock:
@@ -73,6 +80,7 @@ class StepClock:
         self.starts: list[float] = []
         self.profiler: torch.profiler.profile | None = None
         self.profile: dict[str, float] | None = None
+        self.top_ops: list = []
         self.started_at = time.time()  # unix time of the first tick: when training began
 
     def tick(self) -> None:
@@ -89,8 +97,9 @@ class StepClock:
         elif self.profiler is not None and step == self.profile_from + self.profile_steps:
             wall = time.perf_counter() - self._profile_start
             self.profiler.__exit__(None, None, None)
-            self.profile = breakdown(self.profiler, wall, self.profile_steps)
+            self.profile, self.top_ops = breakdown(self.profiler, wall, self.profile_steps)
             self.profiler = None
+            self.starts[-1] = time.perf_counter()  # this step starts after the profile is processed
 
     def finish(self) -> None:
         """After training: close the last step (and a profile still open)."""
@@ -100,13 +109,13 @@ class StepClock:
             self.profiler = None
 
     def summary(self, tokens: int, warmup: int) -> dict:
-        """Step times and steady-state tokens/s: the median step after `warmup` steps, profiled steps left
-        out, times the run's mean tokens per step."""
+        """Step times and steady-state tokens/s: the median step after `warmup` steps, profiled steps and
+        the last step (it ends with the run's final save) left out, times the run's mean tokens per step."""
         durations = [b - a for a, b in zip(self.starts, self.starts[1:])]
         profiled = set(range(self.profile_from - 1, self.profile_from - 1 + self.profile_steps))
-        steady = [d for i, d in enumerate(durations) if i >= warmup and i not in profiled] or durations[-1:]
+        steady = [d for i, d in enumerate(durations[:-1]) if i >= warmup and i not in profiled] or durations[-1:]
         step_s = statistics.median(steady) if steady else float("nan")
         per_step = tokens / max(len(durations), 1)
         return {"step_times": durations, "steady_step_s": step_s, "steady_tokens_per_s": per_step / step_s,
                 "warmup_s": sum(durations[:warmup]), "train_started_unix": self.started_at,
-                "profile_s_per_step": self.profile}
+                "profile_s_per_step": self.profile, "top_ops": self.top_ops}
