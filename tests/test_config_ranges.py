@@ -118,10 +118,10 @@ def test_negative_layer_indices_do_not_wrap():
 
 
 def test_problems_across_sections_are_one_line_each():
-    data = _config("train.offload_optimizer", True)
+    data = _config("lora.r", 4)
     data.update(method="full", quantize="nf4")
     with pytest.raises(ConfigError) as info:
         build_config(data)
     lines = str(info.value).splitlines()
     assert lines[0] == "config has 2 problem(s):", lines
-    assert lines[1].startswith("  - quantize: nf4") and lines[2].startswith("  - train.offload_optimizer"), lines
+    assert lines[1].startswith("  - lora.r does not apply") and lines[2].startswith("  - quantize: nf4"), lines

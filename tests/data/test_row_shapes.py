@@ -60,7 +60,7 @@ CASES = [
     ("messages-role-number", "messages", _messages(role=1), ["messages[1].role is int 1"]),
     ("messages-role-null", "messages", _messages(role=None), ["messages[1].role is NoneType None"]),
     ("messages-role-unknown", "messages", _messages(role="tool"), ["messages[1].role is 'tool'"]),
-    ("messages-content-list", "messages", _messages(content=[{"type": "text", "text": "b"}]), ["messages[1].content must be a string, got list"]),
+    ("messages-content-list", "messages", _messages(content=[1]), ["messages[1].content[0] is a int (1), not a part"]),
     ("messages-content-surrogate", "messages", _messages(content="\udfff"), ["messages[1].content holds a lone surrogate"]),
     ("messages-ends-with-user", "messages", {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
      ["must end with an assistant turn"]),

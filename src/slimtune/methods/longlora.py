@@ -177,7 +177,8 @@ class LongLoRAMethod(LoRAMethod, FrozenCopies):
 
     def __init__(self, name: str, model: nn.Module, originals: dict[str, torch.Tensor], rope: RopeState,
                  group_ratio: float = 0.25) -> None:
-        FrozenCopies.__init__(self, name, model, originals)
+        LoRAMethod.__init__(self, name, model)  # no fully trained vision parts; its super() is FrozenCopies
+        self.originals = originals
         self.rope, self.group_ratio = rope, group_ratio
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -200,6 +201,7 @@ class LongLoRA(Method):
     with modules_to_save (embeddings, norms) + config.json with the interpolated RoPE."""
 
     name = "longlora"
+    keeps_base_copies = True  # the embeddings' and norms' original values, for the base view
     summary = "longer context: S2-Attn training, interpolated RoPE, LoRA + embeddings + norms (longlora.*)"
     sections = {"lora": ("r", "alpha", "dropout", "targets", "rslora"), "longlora": None}
     equivalents = {"freeze.train_embeddings": "longlora.trainable", "freeze.train_norms": "longlora.trainable"}

@@ -143,12 +143,25 @@ def vision_problems(cfg: Any, is_vision: bool) -> list[str]:
     return problems
 
 
+def processor_source(run_dir: str | Path, model: str | None = None) -> str:
+    """The model a run's processor comes from: its base; a whole model saved without its run config
+    (method: full through the API) is its own base."""
+    from slimtune.errors import AdapterError
+    from slimtune.runs import base_model_name
+
+    try:
+        return base_model_name(run_dir, model)
+    except AdapterError:
+        if (Path(run_dir) / "config.json").is_file():
+            return str(run_dir)
+        raise
+
+
 def run_processor(run_dir: str | Path, model: str | None = None):
     """The processor of a run's base model if it is a vision-language model, else None."""
     from slimtune.models.loader import resolve_model
-    from slimtune.runs import base_model_name
 
-    base = base_model_name(run_dir, model)
+    base = processor_source(run_dir, model)
     return processor_for(resolve_model(base), base)
 
 
