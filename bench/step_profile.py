@@ -81,6 +81,7 @@ class StepClock:
         self.profiler: torch.profiler.profile | None = None
         self.profile: dict[str, float] | None = None
         self.top_ops: list = []
+        self.profile_overhead_s = 0.0  # closing the profiler and reading its events: not training time
         self.started_at = time.time()  # unix time of the first tick: when training began
 
     def tick(self) -> None:
@@ -96,10 +97,12 @@ class StepClock:
             self._profile_start = time.perf_counter()
         elif self.profiler is not None and step == self.profile_from + self.profile_steps:
             wall = time.perf_counter() - self._profile_start
+            self.profile_overhead_s = -time.perf_counter()
             self.profiler.__exit__(None, None, None)
             self.profile, self.top_ops = breakdown(self.profiler, wall, self.profile_steps)
             self.profiler = None
             self.starts[-1] = time.perf_counter()  # this step starts after the profile is processed
+            self.profile_overhead_s += self.starts[-1]
 
     def finish(self) -> None:
         """After training: close the last step (and a profile still open)."""
@@ -118,4 +121,5 @@ class StepClock:
         per_step = tokens / max(len(durations), 1)
         return {"step_times": durations, "steady_step_s": step_s, "steady_tokens_per_s": per_step / step_s,
                 "warmup_s": sum(durations[:warmup]), "train_started_unix": self.started_at,
-                "profile_s_per_step": self.profile, "top_ops": self.top_ops}
+                "profile_s_per_step": self.profile, "top_ops": self.top_ops,
+                "profile_overhead_s": self.profile_overhead_s}
