@@ -110,6 +110,12 @@ class TrainSettings(_Section):
         900, gt=0, description="Under torchrun: how long a process waits for the others in a collective before the "
         "run stops with an error (a process that died or hangs).")
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_bool(cls, value: Any) -> Any:
+        """YAML and the command line read `true` / `false` as booleans."""
+        return ("true" if value else "false") if isinstance(value, bool) else value
+
 
 class EvalSettings(_Section):
     """Evaluation on `data.eval` before and after training."""

@@ -84,3 +84,9 @@ def test_auto_decision():
     assert not compile_module.auto_decision(torch.device("cuda"), 10, "single")[0]
     assert compile_module.auto_decision(torch.device("cuda"), 10_000, "ddp")[0]
     assert not compile_module.auto_decision(torch.device("cuda"), 10_000, "fsdp")[0]
+
+
+@pytest.mark.parametrize("value, expected", [(True, "true"), (False, "false"), ("auto", "auto")])
+def test_yaml_booleans_are_accepted(value, expected):
+    cfg = build_config({"data": {"train": "unused.jsonl"}, "train": {"compile": value}})
+    assert cfg.train.compile == expected
