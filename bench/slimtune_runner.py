@@ -12,6 +12,7 @@ PEFT), so both sides are judged by one yardstick.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -25,8 +26,11 @@ from peer_trainer import _peak_rss_mb, response_eval_loss, response_features, ro
 from step_profile import StepClock  # noqa: E402
 
 
+@contextlib.contextmanager
 def _clocked(clock: StepClock):
-    """Make the loop tick `clock` at the start of every optimizer step (the loop calls `train_step` once a step)."""
+    """Inside the block the loop ticks `clock` at the start of every optimizer step (it calls `train_step`
+    once a step); the loop's own function comes back afterwards, so runs in one process (bench/gpu_check.py)
+    do not stack clocks."""
     import slimtune.train.loop as loop
 
     inner = loop.train_step
@@ -36,6 +40,11 @@ def _clocked(clock: StepClock):
         return inner(*args, **kwargs)
 
     loop.train_step = train_step
+    try:
+        yield
+    finally:
+        loop.train_step = inner
+        clock.finish()  # closes a profile a short run left open
 
 
 def _eval_loss(args: argparse.Namespace, run_dir: Path, device: torch.device) -> float:
@@ -86,8 +95,8 @@ def run(args: argparse.Namespace) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     clock = StepClock(args.profile_from, args.profile_steps)
-    _clocked(clock)
-    result = slimtune.finetune(cfg, Console(stderr=True, quiet=True), on_trained=lambda summary: clock.finish())
+    with _clocked(clock):
+        result = slimtune.finetune(cfg, Console(stderr=True, quiet=True), on_trained=lambda summary: clock.finish())
     train_end = time.time()
     peak_rss = _peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

@@ -81,6 +81,7 @@ class StepClock:
         self.profiler: torch.profiler.profile | None = None
         self.profile: dict[str, float] | None = None
         self.top_ops: list = []
+        self.finished = False
         self.profile_overhead_s = 0.0  # closing the profiler and reading its events: not training time
         self.started_at = time.time()  # unix time of the first tick: when training began
 
@@ -105,7 +106,10 @@ class StepClock:
             self.profile_overhead_s += self.starts[-1]
 
     def finish(self) -> None:
-        """After training: close the last step (and a profile still open)."""
+        """After training: close the last step (and a profile still open). Once; later calls do nothing."""
+        if self.finished:
+            return
+        self.finished = True
         self.starts.append(time.perf_counter())
         if self.profiler is not None:
             self.profiler.__exit__(None, None, None)
