@@ -11,7 +11,7 @@ prompts of none of the tasks, `slimtune.routing.Router` picks an adapter or the 
   adapter chosen by hand (greedy, `--max-new-tokens`); routed replies come from whatever was picked.
 
     python bench/route_bench.py                    # trains three runs in a temporary directory
-    python bench/route_bench.py --runs-dir runs/route --keep   # keep (and reuse) the runs
+    python bench/route_bench.py --runs-dir runs/route          # keep (and reuse) the runs
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ def check_run(cfg: Config, console: Console | None = None) -> CheckedRun:
                 continue
             try:
                 loaded = load_dataset(path, tokenizer, cfg.data.format, cfg.data.max_length, processor,
-                                      cfg.data.image_max_pixels)
+                                      cfg.data.image_max_pixels,
+                                      note=lambda text: console.print(escape(text), highlight=False, soft_wrap=True))
             except SlimtuneError as exc:
                 problems.append(f"data.{split}: {exc}")
                 continue

@@ -4,6 +4,7 @@ loss masks (+ image tensors for a vision-language model's processor)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,14 @@ class Dataset:
 
 
 def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int = 1024, processor=None,
-                 image_max_pixels: int | None = None) -> Dataset:
+                 image_max_pixels: int | None = None, note: Callable[[str], None] | None = None) -> Dataset:
     """Read, validate and tokenize every row before any training starts, so a bad line fails fast.
 
     With a vision-language `processor` the processor renders the rows and their images (each loaded and
     scaled to `image_max_pixels`); without one an image in a row is an error naming the line.
 
-    Examples whose assistant tokens are all cut off by `max_length` are dropped with a note on stderr.
+    Examples whose assistant tokens are all cut off by `max_length` are dropped with a note: `note(text)`,
+    by default a line on stderr (the check stage passes its console, silent in torchrun's other processes).
     """
     rows = read_rows(path)
     resolved: Format = detect_format(rows[0]) if fmt == "auto" else fmt  # type: ignore[assignment]
@@ -72,10 +74,9 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
             f"data.max_length={max_length}; raise data.max_length"
         )
     if dropped:
-        print(
+        (note or (lambda text: print(text, file=sys.stderr)))(
             f"slimtune: dropped {len(dropped)} example(s) from {path} whose answer lies beyond "
-            f"data.max_length={max_length} (first: {dropped[0]})", file=sys.stderr,
-        )
+            f"data.max_length={max_length} (first: {dropped[0]})")
     return Dataset(Path(path), resolved, examples, conversations, truncated, dropped, renderer)
 
 
