@@ -5,6 +5,8 @@ problems found before anything loads."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -31,6 +33,8 @@ def _losses(tiny_model_dir, data_file, tmp_path, name, method, compiled, **train
 
 
 # Each case compiles for ~10-20 s on 2 cores, so two: LoRA, and DoRA with gradient checkpointing.
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler (the missing-compiler path is tested below)")
 @pytest.mark.parametrize("method, train", [("lora", {}), ("dora", {"grad_checkpointing": True})])
 def test_compiled_losses_equal_eager(tiny_model_dir, data_file, tmp_path, method, train):
     eager, eager_weights = _losses(tiny_model_dir, data_file, tmp_path, "eager", method, False, **train)
