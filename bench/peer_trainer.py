@@ -304,6 +304,8 @@ def run_peer(
     seed: int = 0,
     max_length: int = 512,
     work_dir: str,
+    clock: Any = None,
+    warmup: int = 3,
 ) -> dict:
     """Fine-tune ``model_dir`` with ``Trainer`` + PEFT LoRA and measure speed, memory and eval loss.
 
@@ -376,11 +378,25 @@ def run_peer(
             self.seen_examples += int(mask.shape[0])
             return super().training_step(model, inputs, num_items_in_batch)
 
+    from transformers import TrainerCallback
+
+    class Ticks(TrainerCallback):
+        """Step boundaries (and the profiled steps) for bench/step_profile.py's `StepClock`."""
+
+        def on_step_begin(self, *_args, **_kwargs):
+            if clock is not None:
+                clock.tick()
+
+        def on_train_end(self, *_args, **_kwargs):
+            if clock is not None:
+                clock.finish()
+
     trainer = CountingTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         data_collator=PadAndMaskCollator(pad_id),
+        callbacks=[Ticks()],
     )
 
     if use_cuda:
@@ -391,6 +407,7 @@ def run_peer(
     if use_cuda:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - start
+    train_end = time.time()
 
     peak_rss_mb = _peak_rss_mb()
     peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if use_cuda else None
@@ -418,6 +435,8 @@ def run_peer(
         "train_loss": float(output.training_loss),
         "eval_tokens": eval_tokens,
         "device": str(trainer.args.device),
+        "train_end_unix": train_end,
+        **(clock.summary(tokens, warmup) if clock is not None else {}),
     }
 
 
@@ -426,6 +445,8 @@ def run_peer(
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run one configuration from the command line and print its result as JSON."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from step_profile import StepClock
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--train", required=True, help="JSONL of chat or Alpaca rows")
@@ -440,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--work-dir", default=None, help="Trainer output_dir (default: a temp dir)")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the steady-state figures")
+    parser.add_argument("--profile-from", type=int, default=5, help="first profiled step")
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps (0: no profile)")
     parser.add_argument("--json-out", default=None)
     opts = parser.parse_args(argv)
 
@@ -464,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             seed=opts.seed,
             max_length=opts.max_length,
             work_dir=opts.work_dir or scratch,
+            clock=StepClock(opts.profile_from, opts.profile_steps),
+            warmup=opts.warmup_steps,
         )
     text = json.dumps(result)
     print(text, flush=True)

@@ -12,15 +12,39 @@ PEFT), so both sides are judged by one yardstick.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_trainer import _peak_rss_mb, response_eval_loss, response_features, rows_from_jsonl  # noqa: E402
+from step_profile import StepClock  # noqa: E402
+
+
+@contextlib.contextmanager
+def _clocked(clock: StepClock):
+    """Inside the block the loop ticks `clock` at the start of every optimizer step (it calls `train_step`
+    once a step); the loop's own function comes back afterwards, so runs in one process (bench/gpu_check.py)
+    do not stack clocks."""
+    import slimtune.train.loop as loop
+
+    inner = loop.train_step
+
+    def train_step(*args, **kwargs):
+        clock.tick()
+        return inner(*args, **kwargs)
+
+    loop.train_step = train_step
+    try:
+        yield
+    finally:
+        loop.train_step = inner
+        clock.finish()  # closes a profile a short run left open
 
 
 def _eval_loss(args: argparse.Namespace, run_dir: Path, device: torch.device) -> float:
@@ -60,14 +84,20 @@ def run(args: argparse.Namespace) -> dict:
                   **({"mmap_threshold_mb": args.mmap_threshold_mb or None}
                      if args.mmap_threshold_mb is not None else {}),
                   "trim_memory": args.trim_memory,
-                  "log_every": 10, "optimizer": args.optimizer, "save_every": None},
+                  "log_every": 10, "optimizer": args.optimizer, "save_every": None, "compile": args.compile,
+                  **({"max_steps": args.steps} if args.steps else {}),
+                  **({"attention_precision": args.attention_precision} if args.attention_precision else {}),
+                  **({"threads": args.threads} if args.threads else {})},
         **({"quantize": args.quantize} if args.quantize != "none" else {}),
         # AdaLoRA at LoRA's initial rank and scale (alpha / init_r = 32 / 16), pruned to an average of 8.
         **({"adalora": {"init_r": 16, "target_r": 8}} if args.method == "adalora" else {}),
     })
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = slimtune.finetune(cfg, Console(stderr=True, quiet=True))
+    clock = StepClock(args.profile_from, args.profile_steps)
+    with _clocked(clock):
+        result = slimtune.finetune(cfg, Console(stderr=True, quiet=True), on_trained=lambda summary: clock.finish())
+    train_end = time.time()
     peak_rss = _peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
@@ -86,7 +116,13 @@ def run(args: argparse.Namespace) -> dict:
         name += f" mmap>={args.mmap_threshold_mb:g}MB" if args.mmap_threshold_mb else " glibc mmap threshold"
     if args.trim_memory:
         name += " +trim"
-    return {
+    if args.compile != "false":
+        name += f" compile={args.compile}"
+    if args.attention_precision:
+        name += f" attention {args.attention_precision}"
+    if args.threads:
+        name += f" {args.threads} threads"
+    return {**clock.summary(result.tokens, args.warmup_steps), "train_end_unix": train_end,
         "name": name, "tokens": result.tokens, "examples": result.examples, "train_s": result.train_seconds,
         "tokens_per_s": result.tokens_per_s, "s_per_example": result.train_seconds / max(result.examples, 1),
         "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu, "eval_loss": eval_loss, "steps": result.steps,
@@ -112,6 +148,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--compile", default="false", choices=["auto", "true", "false"], help="train.compile")
+    parser.add_argument("--attention-precision", choices=["auto", "fp32", "bf16"], help="train.attention_precision")
+    parser.add_argument("--threads", type=int, help="train.threads")
+    parser.add_argument("--steps", type=int, help="train.max_steps (default: one epoch)")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the steady-state figures")
+    parser.add_argument("--profile-from", type=int, default=5, help="first profiled step")
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps (0: no profile)")
     parser.add_argument("--work-dir")
     parser.add_argument("--json-out")
     return parser.parse_args(argv)

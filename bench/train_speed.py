@@ -11,7 +11,16 @@ per example, peak RSS (and peak GPU memory on a GPU), response-token eval loss a
 measured matmul peak reached, where a LoRA step costs ~4 x (non-embedding + LM-head params) FLOPs
 per token. Ratios are against the fastest peer configuration.
 
-    python bench/train_speed.py                       # default: 96 examples, 1 round
+Per configuration it also prints where a step's time goes (torch.profiler over a few steps in the
+middle of the run, operator self times by category: bench/step_profile.py), steady-state tokens/s
+(the median step after the first 3, profiled steps left out: compile time excluded), and the wall time
+of the whole process: start-up (imports, model load, compile) until training ends (less the time the
+profiler takes to close), and that projected
+to a 150-step run (start-up + first steps as measured + the remaining steps at the steady step time;
+`--examples 600 --steps 150` measures a real one instead).
+
+    python bench/train_speed.py                       # default: peers, slimtune eager and compiled, 96 examples
+    python bench/train_speed.py --quick               # smoke check: 24 examples, bf16 peer and slimtune, no eval
     python bench/train_speed.py --examples 200 --rounds 2 --json-out bench/results/train_speed.json
 """
 
@@ -24,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +46,10 @@ CONFIGS: dict[str, list[str]] = {
     "peer-bf16": [str(HERE / "peer_trainer.py"), "--bf16"],
     "slimtune": [str(HERE / "slimtune_runner.py")],
     "slimtune-fp32": [str(HERE / "slimtune_runner.py"), "--precision", "fp32"],
+    "slimtune-compile": [str(HERE / "slimtune_runner.py"), "--compile", "true"],
+    "slimtune-attn-bf16": [str(HERE / "slimtune_runner.py"), "--attention-precision", "bf16"],
+    "slimtune-attn-fp32": [str(HERE / "slimtune_runner.py"), "--attention-precision", "fp32"],
+    "slimtune-1-thread": [str(HERE / "slimtune_runner.py"), "--threads", "1"],
     "slimtune-packed": [str(HERE / "slimtune_runner.py"), "--packing"],
     "slimtune-ckpt": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing"],
     "slimtune-ckpt-half": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing", "--checkpoint-fraction", "0.5"],
@@ -48,7 +62,9 @@ CONFIGS: dict[str, list[str]] = {
     "slimtune-qlora-trim": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4", "--trim-memory"],
     "slimtune-qlora-fp32": [str(HERE / "slimtune_runner.py"), "--quantize", "nf4", "--precision", "fp32"],
 }
-DEFAULT_CONFIGS = "peer-fp32,peer-bf16,slimtune,slimtune-trim,slimtune-packed,slimtune-fp32,slimtune-ckpt-half,slimtune-ckpt"
+DEFAULT_CONFIGS = "peer-fp32,peer-bf16,slimtune,slimtune-compile"
+QUICK_CONFIGS = "peer-bf16,slimtune"  # with --quick: 24 examples (6 steps), no eval
+WHOLE_RUN_STEPS = 150
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 1.5) -> float:
@@ -73,14 +89,39 @@ def flops_per_token(model_dir: str) -> float:
     return 4.0 * (total - embedding + head)
 
 
-def run_config(name: str, model_dir: str, train: str, eval_: str, out: Path, slimtune_args: list[str]) -> dict:
+def run_config(name: str, model_dir: str, train: str, eval_: str | None, out: Path, slimtune_args: list[str],
+               common: list[str]) -> dict:
     extra = slimtune_args if name.startswith("slimtune") else []
-    command = [sys.executable, *CONFIGS[name], *extra, "--model-dir", model_dir, "--train", train, "--eval", eval_,
-               "--json-out", str(out)]
+    command = [sys.executable, *CONFIGS[name], *extra, *common, "--model-dir", model_dir, "--train", train,
+               *(["--eval", eval_] if eval_ else []), "--json-out", str(out)]
+    launched = time.time()
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if completed.returncode != 0:
         raise SystemExit(f"{name} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    # Whole-process figures: from launch (imports, model load, compile) to the end of training.
+    result["startup_s"] = result["train_started_unix"] - launched
+    result["wall_to_trained_s"] = result["train_end_unix"] - launched - result.get("profile_overhead_s", 0.0)
+    steps = len(result["step_times"])
+    warm = min(3, steps)
+    result["wall_150_s"] = (result["startup_s"] + sum(result["step_times"][:warm])
+                            + (WHOLE_RUN_STEPS - warm) * result["steady_step_s"])
+    return result
+
+
+def print_breakdown(name: str, result: dict) -> None:
+    """One line per configuration: seconds per step by profiler category, and shares of the step."""
+    from step_profile import CATEGORIES
+
+    profile = result.get("profile_s_per_step")
+    if not profile:
+        return
+    total = sum(profile.values())
+    parts = ", ".join(f"{category} {1e3 * profile[category]:.0f} ms ({100 * profile[category] / total:.0f}%)"
+                      for category in CATEGORIES)
+    print(f"    {name} profiled step {1e3 * total:.0f} ms: {parts}", flush=True)
+    top = "; ".join(f"{op} {1e3 * seconds:.0f}" for _, op, seconds in result.get("top_ops", [])[:8])
+    print(f"      top operators (ms/step): {top}", flush=True)
 
 
 def main() -> None:
@@ -93,7 +134,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json-out")
     parser.add_argument("--slimtune-args", default="", help="extra runner flags for every slimtune config, e.g. '--packing'")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: one epoch of --examples)")
+    parser.add_argument("--quick", action="store_true", help="smoke check: 24 examples, peer-bf16 and slimtune, "
+                        "no eval, 2 profiled steps")
     args = parser.parse_args()
+    if args.quick:
+        args.examples = min(args.examples, 24)
+        args.configs = QUICK_CONFIGS if args.configs == DEFAULT_CONFIGS else args.configs
+    common = ["--profile-from", "3", "--profile-steps", "2", "--warmup-steps", "2"] if args.quick else []
+    if args.steps:
+        common += ["--steps", str(args.steps)]
+    sys.path.insert(0, str(HERE))
 
     from slimtune.models import resolve_model
 
@@ -115,22 +166,30 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_index in range(args.rounds):
         for name in names:
-            result = run_config(name, model_dir, str(train), args.eval_file, work / f"{name}-{round_index}.json",
-                                args.slimtune_args.split())
+            result = run_config(name, model_dir, str(train), None if args.quick else args.eval_file,
+                                work / f"{name}-{round_index}.json", args.slimtune_args.split(), common)
             runs[name].append(result)
-            print(f"  round {round_index + 1} {name}: {result['tokens_per_s']:.0f} tok/s, "
-                  f"{result['peak_rss_mb']:.0f} MB, eval loss {result['eval_loss']:.4f}", flush=True)
+            eval_loss = f"{result['eval_loss']:.4f}" if result.get("eval_loss") is not None else "-"
+            print(f"  round {round_index + 1} {name}: {result['tokens_per_s']:.0f} tok/s over the run, "
+                  f"{result['steady_tokens_per_s']:.0f} steady, {result['peak_rss_mb']:.0f} MB, eval loss {eval_loss}, "
+                  f"start-up {result['startup_s']:.1f} s, first 3 steps {result['warmup_s']:.1f} s", flush=True)
+            print_breakdown(name, result)
 
     summary = []
     for name, results in runs.items():
         tps = statistics.median(r["tokens_per_s"] for r in results)
         precision = "bf16" if ("bf16" in name or results[0].get("precision") == "bf16") else "fp32"
+        steady = statistics.median(r["steady_tokens_per_s"] for r in results)
         summary.append({
-            "config": name, "label": results[0]["name"], "tokens_per_s": tps,
+            "config": name, "label": results[0]["name"], "tokens_per_s": tps, "steady_tokens_per_s": steady,
+            "wall_to_trained_s": statistics.median(r["wall_to_trained_s"] for r in results),
+            "wall_150_s": statistics.median(r["wall_150_s"] for r in results),
+            "steady_pct_bf16_peak": 100 * steady * per_token / (peaks["bf16"] * 1e9),
             "s_per_example": statistics.median(r["s_per_example"] for r in results),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "peak_gpu_mb": results[0].get("peak_gpu_mb"),
-            "eval_loss": statistics.median(r["eval_loss"] for r in results),
+            "eval_loss": (statistics.median(r["eval_loss"] for r in results)
+                          if all(r.get("eval_loss") is not None for r in results) else None),
             "pct_bf16_peak": 100 * tps * per_token / (peaks["bf16"] * 1e9),
             "pct_own_peak": 100 * tps * per_token / (peaks[precision] * 1e9),
         })
@@ -142,15 +201,16 @@ def main() -> None:
     for row in summary:
         row["step_time_vs_lora"] = lora["tokens_per_s"] / row["tokens_per_s"] if lora else None
     print()
-    print("| configuration | tokens/s | s/example | peak RSS MB | eval loss | % bf16 peak | speed vs fastest peer "
-          "| RSS vs fastest peer | step time vs slimtune LoRA |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| configuration | tokens/s (whole run) | steady tokens/s | steady % bf16 peak | peak RSS MB | eval loss "
+          "| steady speed vs fastest peer | RSS vs fastest peer | wall to trained s | 150-step wall s (projected) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in summary:
-        speed = f"{row['tokens_per_s'] / fastest['tokens_per_s']:.2f}x" if fastest else "-"
+        speed = f"{row['steady_tokens_per_s'] / fastest['steady_tokens_per_s']:.2f}x" if fastest else "-"
         memory = f"{row['peak_rss_mb'] / fastest['peak_rss_mb']:.2f}x" if fastest else "-"
-        versus_lora = f"{row['step_time_vs_lora']:.2f}x" if lora else "-"
-        print(f"| {row['label']} | {row['tokens_per_s']:.0f} | {row['s_per_example']:.3f} | {row['peak_rss_mb']:.0f} | "
-              f"{row['eval_loss']:.4f} | {row['pct_bf16_peak']:.1f}% | {speed} | {memory} | {versus_lora} |")
+        eval_loss = f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "-"
+        print(f"| {row['label']} | {row['tokens_per_s']:.0f} | {row['steady_tokens_per_s']:.0f} | "
+              f"{row['steady_pct_bf16_peak']:.1f}% | {row['peak_rss_mb']:.0f} | {eval_loss} | {speed} | {memory} | "
+              f"{row['wall_to_trained_s']:.0f} | {row['wall_150_s']:.0f} |")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps({"peaks_gflops": peaks, "flops_per_token": per_token,

@@ -83,6 +83,15 @@ class TrainSettings(_Section):
     trim_memory: bool = Field(False, description="CPU, glibc: after every optimizer step hand the heap's free "
                               "pages back to the system (malloc_trim). Lower peak RSS, slightly slower steps.")
     fused_ops: bool = Field(True, description="Fused RMSNorm and SwiGLU (Llama-style models) for training.")
+    compile: Literal["auto", "true", "false"] = Field(
+        "auto", description="torch.compile each decoder layer for training (regional: one compile per layer class, "
+        "dynamic shapes). auto: only where it measurably pays back its compile time (see the README); true needs a "
+        "C++ compiler on CPU, triton on CUDA.")
+    attention_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="CPU, bf16 training: the attention maths in fp32 (bf16 memory) or bf16. auto: whichever "
+        "is faster on this machine, measured once and cached under $SLIMTUNE_HOME.")
+    threads: int | None = Field(None, gt=0, le=4096, description="CPU threads for training; null: the count measured "
+                                "fastest on this machine (cached under $SLIMTUNE_HOME).")
     loss_chunk: int = Field(1024, gt=0, description="Tokens per chunk of the LM head + cross-entropy.")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N optimizer steps.")
     save_every: int | None = Field(100, gt=0, description="Checkpoint every N steps (and at the end); null = only at the end.")
@@ -100,6 +109,12 @@ class TrainSettings(_Section):
     distributed_timeout_s: float = Field(
         900, gt=0, description="Under torchrun: how long a process waits for the others in a collective before the "
         "run stops with an error (a process that died or hangs).")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_bool(cls, value: Any) -> Any:
+        """YAML and the command line read `true` / `false` as booleans."""
+        return ("true" if value else "false") if isinstance(value, bool) else value
 
 
 class EvalSettings(_Section):

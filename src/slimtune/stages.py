@@ -49,6 +49,8 @@ from slimtune.train.loop import TrainSummary, run_training, seed_everything, tot
 from slimtune.train.metrics import plot_loss
 from slimtune.train.precision import resolve_device, resolve_precision, weight_dtype
 from slimtune.train.prepare import slimtune_attention, training_mode
+from slimtune.train.compile import compile_problem, compiled_layers
+from slimtune.train.tuning import apply_cpu_threads
 from slimtune.train.distributed import launched_world_size, peer_failures, rank_seed, resolve_mode, start_processes, stop_processes
 from slimtune.train.runtime import ProcessGroupRuntime, Runtime
 from slimtune.train.signals import StopRequested, requested_stop, stop_point, stop_requests
@@ -149,6 +151,8 @@ def check_run(cfg: Config, console: Console | None = None) -> CheckedRun:
     mode, more = resolve_mode(cfg.train.distributed, method.shards_with_fsdp, cfg.train.optimizer, skeleton,
                               cfg.quantized, cfg.train.device, launched_world_size())
     problems += more + output_problems(cfg)
+    if problem := compile_problem(cfg.train.compile, resolve_device(cfg.train.device), mode):
+        problems.append(f"train.compile: {problem}")
     resume_from = None
     if cfg.resume and not finished_weights(cfg.output):  # a finished run is output_problems' to report
         try:
@@ -193,6 +197,9 @@ def build_run(checked: CheckedRun, console: Console, stack: ExitStack, runtime: 
     runtime.barrier()  # the others start once process 0 has prepared the output
     seed_everything(cfg.train.seed)
     _tune_heap(cfg.train, device, console)
+    if device.type == "cpu":
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
+        apply_cpu_threads(cfg.train.threads, runtime.world_size)
     precision = resolve_precision(cfg.train.precision, device)
     dtype = weight_dtype(precision)
     if cfg.quantized:
@@ -363,7 +370,9 @@ def finetune(cfg: Config, console: Console | None = None,
         if built.runtime.is_main:
             with reported_write_failures(f"the run config to '{cfg.output / RUN_CONFIG}'", "run the same command again"):
                 (cfg.output / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
-        with training_mode(built.model, cfg.train, console), built.attached.training_patches():
+        with training_mode(built.model, cfg.train, console), built.attached.training_patches(), \
+                compiled_layers(built.model, cfg.train.compile, checked.device, checked.steps, checked.distributed,
+                                console):
             summary = run_training(
                 built.model, built.attached, train_set, cfg.train, checked.tokenizer.pad_token_id,
                 cfg.output / "metrics.jsonl", console, device=checked.device, precision=built.precision,

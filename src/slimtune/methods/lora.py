@@ -256,6 +256,8 @@ class DoRALinear(LoRALinear):
     def _base_norm_sq(self) -> torch.Tensor:
         """||W_i||^2 per row in fp32, recomputed only when W changes (merge, load, `.to()`)."""
         weight = self.base_layer.weight
+        if torch.compiler.is_compiling():  # a compiled layer (train.compile) cannot key a cache on `_version`
+            return weight.detach().float().pow(2).sum(dim=1)
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
         if self._base_cache is None or self._base_cache[0] != key:
             self._base_cache = (key, weight.detach().float().pow(2).sum(dim=1))

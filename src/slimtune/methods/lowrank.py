@@ -99,4 +99,10 @@ def dropped_low_rank(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_a.dtype
     with torch.autocast(device, enabled=False):
+        if torch.compiler.is_compiling():
+            # Inside a compiled decoder layer (train.compile): plain operations the compiler fuses (the
+            # mask draw, the 1/(1-p) scale and the cast become one kernel); the seed-and-redraw function
+            # above reads its seed as a Python number, which would split the compiled graph.
+            dropped = torch.nn.functional.dropout(x, p, training=True).to(dtype)
+            return ((dropped @ lora_a.to(dtype).t()) * scale) @ lora_b.to(dtype).t()
         return _DroppedLowRank.apply(x, lora_a, lora_b, p, scale, dtype)

@@ -40,35 +40,110 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32, memory_format=torch.contiguous_format)
 
 
+def _attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                       bounds: list[int] | None, scale: float | None, is_causal: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (batch, T, heads, head_dim) in query's dtype and the fp32 row log-sum-exp (batch, heads, T)."""
+    batch, heads, length, head_dim = query.shape
+    # (batch, T, heads, head_dim): the layout the output projection reads, filled slice by slice
+    out = torch.empty((batch, length, heads, head_dim), dtype=query.dtype, device=query.device)
+    lse = torch.empty((batch, heads, length), dtype=torch.float32, device=query.device)
+    for part in _slices(bounds, length):
+        o, row_lse = _flash(_fp32(query[:, :, part]), _fp32(key[:, :, part]), _fp32(value[:, :, part]),
+                            0.0, is_causal, attn_mask=mask, scale=scale)
+        out[:, part].copy_(o.transpose(1, 2))
+        lse[:, :, part].copy_(row_lse)
+    return out, lse
+
+
+def _attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, bounds: list[int] | None,
+                        scale: float | None, is_causal: bool) -> list[torch.Tensor]:
+    """dq, dk, dv in the dtypes of q, k, v, from the flash backward run in fp32 per slice."""
+    grads = [torch.empty_like(t) for t in (query, key, value)]
+    for part in _slices(bounds, query.shape[2]):
+        dq, dk, dv = _flash_backward(
+            _fp32(grad_out[:, part].transpose(1, 2)), _fp32(query[:, :, part]), _fp32(key[:, :, part]),
+            _fp32(value[:, :, part]), _fp32(out[:, part].transpose(1, 2)), lse[:, :, part].contiguous(), 0.0,
+            is_causal, attn_mask=mask, scale=scale)
+        for grad, piece in zip(grads, (dq, dk, dv)):
+            grad[:, :, part].copy_(piece)
+    return grads
+
+
 class _Fp32Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                 bounds: list[int] | None, scale: float | None, is_causal: bool) -> torch.Tensor:
-        batch, heads, length, head_dim = query.shape
-        # (batch, T, heads, head_dim): the layout the output projection reads, filled slice by slice
-        out = torch.empty((batch, length, heads, head_dim), dtype=query.dtype, device=query.device)
-        lse = []
-        for part in _slices(bounds, length):
-            o, row_lse = _flash(_fp32(query[:, :, part]), _fp32(key[:, :, part]), _fp32(value[:, :, part]),
-                                0.0, is_causal, attn_mask=mask, scale=scale)
-            out[:, part].copy_(o.transpose(1, 2))
-            lse.append(row_lse)
-        ctx.save_for_backward(query, key, value, mask, out, *lse)
+        out, lse = _attention_forward(query, key, value, mask, bounds, scale, is_causal)
+        ctx.save_for_backward(query, key, value, mask, out, lse)
         ctx.bounds, ctx.scale, ctx.is_causal = bounds, scale, is_causal
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        query, key, value, mask, out, *lse = ctx.saved_tensors
-        grads = [torch.empty_like(t) for t in (query, key, value)]
-        for part, row_lse in zip(_slices(ctx.bounds, query.shape[2]), lse):
-            dq, dk, dv = _flash_backward(
-                _fp32(grad_out[:, part].transpose(1, 2)), _fp32(query[:, :, part]), _fp32(key[:, :, part]),
-                _fp32(value[:, :, part]), _fp32(out[:, part].transpose(1, 2)), row_lse, 0.0, ctx.is_causal,
-                attn_mask=mask, scale=ctx.scale)
-            for grad, piece in zip(grads, (dq, dk, dv)):
-                grad[:, :, part].copy_(piece)
+        query, key, value, mask, out, lse = ctx.saved_tensors
+        grads = _attention_backward(grad_out, query, key, value, out, lse, mask, ctx.bounds, ctx.scale, ctx.is_causal)
         return *grads, None, None, None, None
+
+
+# The same attention as one opaque operator for `torch.compile` (train.compile): the compiler sees its
+# inputs and outputs only (the Python slicing, `tolist` and the kernels stay out of the graph), and its
+# backward is registered like any operator's. Masks arrive as they are (boolean or float) and are
+# converted inside, per call: the conversion cache below cannot live in a compiled graph.
+@torch.library.custom_op("slimtune::fp32_attention", mutates_args=())
+def _fp32_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                       bounds: torch.Tensor | None, scale: float | None, is_causal: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward(query, key, value, None if mask is None else _convert(mask),
+                              None if bounds is None else bounds.tolist(), scale, is_causal)
+
+
+@_fp32_attention_op.register_fake
+def _(query, key, value, mask, bounds, scale, is_causal):
+    batch, heads, length, head_dim = query.shape
+    return (query.new_empty((batch, length, heads, head_dim)),
+            query.new_empty((batch, heads, length), dtype=torch.float32))
+
+
+@torch.library.custom_op("slimtune::fp32_attention_backward", mutates_args=())
+def _fp32_attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                                bounds: torch.Tensor | None, scale: float | None, is_causal: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _attention_backward(grad_out, query, key, value, out, lse, None if mask is None else _convert(mask),
+                                     None if bounds is None else bounds.tolist(), scale, is_causal)
+    return dq, dk, dv
+
+
+@_fp32_attention_backward_op.register_fake
+def _(grad_out, query, key, value, out, lse, mask, bounds, scale, is_causal):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _op_setup(ctx, inputs, output) -> None:
+    query, key, value, mask, bounds, scale, is_causal = inputs
+    ctx.save_for_backward(query, key, value, output[0], output[1], mask, bounds)
+    ctx.scale, ctx.is_causal = scale, is_causal
+
+
+def _op_backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor):
+    query, key, value, out, lse, mask, bounds = ctx.saved_tensors
+    dq, dk, dv = _fp32_attention_backward_op(grad_out, query, key, value, out, lse, mask, bounds, ctx.scale,
+                                             ctx.is_causal)
+    return dq, dk, dv, None, None, None, None
+
+
+_fp32_attention_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+def _convert(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean (True = attend) or float mask as the additive fp32 mask the kernels take."""
+    if mask.dtype == torch.float32:
+        return mask
+    if mask.is_floating_point():
+        return mask.float()
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 # The last mask converted: (weak reference to the mask passed in, its version, weak reference to the
@@ -88,23 +163,27 @@ def _additive_fp32(mask: torch.Tensor) -> torch.Tensor:
         source, version, converted = _last_conversion
         if source() is mask and mask._version == version and (cached := converted()) is not None:
             return cached
-    if mask.is_floating_point():
-        converted_mask = mask.float()
-    else:
-        converted_mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    converted_mask = _convert(mask)
     _last_conversion = (weakref.ref(mask), mask._version, weakref.ref(converted_mask))
     return converted_mask
 
 
 def fp32_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
-                   bounds: list[int] | None = None, scale: float | None = None, is_causal: bool = True
+                   bounds: list[int] | torch.Tensor | None = None, scale: float | None = None, is_causal: bool = True
                    ) -> torch.Tensor:
     """Attention with fp32 maths and `query`'s dtype in memory; output (batch, T, heads, head_dim).
 
     query (batch, heads, T, head_dim), key/value (batch, kv_heads, T, head_dim) with heads a multiple
     of kv_heads; `mask` an additive float mask broadcastable to (batch, heads, T, T), or None;
-    `bounds` the packed example boundaries [0, l_1, ..., T] (batch 1), attention kept inside each.
+    `bounds` the packed example boundaries [0, l_1, ..., T] (batch 1; a list or an int tensor),
+    attention kept inside each.
     """
+    if torch.compiler.is_compiling():  # inside a compiled decoder layer (train.compile): the opaque operator
+        if bounds is not None and not isinstance(bounds, torch.Tensor):
+            bounds = torch.tensor(bounds, dtype=torch.int32)
+        return _fp32_attention_op(query, key, value, mask, bounds, scale, is_causal)[0]
+    if isinstance(bounds, torch.Tensor):
+        bounds = bounds.tolist()
     if mask is not None:
         mask = _additive_fp32(mask)
     with torch.autocast(query.device.type, enabled=False):

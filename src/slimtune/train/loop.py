@@ -264,10 +264,11 @@ def run_training(
         for step in range(first_step, steps + 1):
             micro = [next(batches) for _ in range(settings.grad_accum)]  # global micro-batches
             prepared = []
-            for chunk, _ in micro:
-                share, weight = process_share(chunk, runtime.rank, settings.batch_size)
-                batch = make_batch(share, packing, pad_token_id, device, settings.pad_to_multiple_of, longest)
-                prepared.append({**batch, "weight": weight})
+            with torch.profiler.record_function("slimtune.collate"):  # named in profiles (bench/train_speed.py)
+                for chunk, _ in micro:
+                    share, weight = process_share(chunk, runtime.rank, settings.batch_size)
+                    batch = make_batch(share, packing, pad_token_id, device, settings.pad_to_multiple_of, longest)
+                    prepared.append({**batch, "weight": weight})
             lr = optimizer.param_groups[0]["lr"]
             result = train_step(module, method, prepared, params, settings, precision, device, runtime)
             tokens_seen += sum(len(example.input_ids) for chunk, _ in micro for example in chunk)

@@ -23,6 +23,15 @@ from slimtune.data.render import IGNORE_INDEX, Encoded
 from slimtune.train.cpu_attention import fp32_attention
 
 ATTENTION_NAME = "slimtune_packed"
+# CPU, bf16 inputs: the attention maths in "fp32" (train/cpu_attention.py) or "bf16" (plain SDPA). Set for
+# the run by `train.prepare.slimtune_attention` from train.attention_precision (measured per machine).
+_cpu_maths = {"value": "fp32"}
+
+
+def set_cpu_attention_maths(value: str) -> str:
+    """Use `value` ('fp32' | 'bf16') for bf16 attention on CPU from now on; returns the previous value."""
+    previous, _cpu_maths["value"] = _cpu_maths["value"], value
+    return previous
 # Keyword arguments that do not change what attention computes (the packed boundaries are handled here).
 _PLAIN_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "use_cache",
                  "is_causal", "cache_position", "output_attentions", "sliding_window"}
@@ -68,15 +77,15 @@ def packed_attention(
     # Anything else that changes the maths (a logit soft-cap, attention sinks, a position bias, ...)
     # goes to transformers' own SDPA function, which knows it.
     plain = all(value is None for name, value in kwargs.items() if name not in _PLAIN_KWARGS)
-    if (query.device.type == "cpu" and query.dtype == torch.bfloat16 and dropout == 0.0 and same_length and plain
+    if (query.device.type == "cpu" and query.dtype == torch.bfloat16 and _cpu_maths["value"] == "fp32"
+            and dropout == 0.0 and same_length and plain
             and key.shape[-1] == value.shape[-1] and (bounds is None or attention_mask is None)):
         # fp32 maths with bf16 saved tensors: faster than bf16 on CPU, and lean (train/cpu_attention.py)
         mask = attention_mask
         if mask is not None and mask.shape[-1] != key.shape[2]:
             mask = mask[:, :, :, : key.shape[2]]  # sliced only when needed: the same object lets layers share one copy
         is_causal = mask is None and query.shape[2] > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True))
-        return fp32_attention(query, key, value, mask, None if bounds is None else bounds.tolist(), scaling,
-                              bool(is_causal)), None
+        return fp32_attention(query, key, value, mask, bounds, scaling, bool(is_causal)), None
     if bounds is None or not same_length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

@@ -1,8 +1,9 @@
 """Preparing a model for training, undone on any exit.
 
 - `slimtune_attention` (for the whole run): slimtune's attention function, which keeps packed examples
-  apart and on CPU runs the attention maths in fp32 (faster there than bf16); the model's own
-  implementation comes back when the block ends.
+  apart and on CPU runs the attention maths in fp32 or bf16, whichever `train/tuning.py` measured
+  faster on this machine (or train.attention_precision says); the model's own implementation comes
+  back when the block ends.
 - `training_mode` (for the loop): gradient checkpointing on the chosen fraction of the decoder layers
   and train mode; checkpointing off and eval mode when the block ends, however it ends.
 """
@@ -16,7 +17,14 @@ import torch
 from rich.console import Console
 
 from slimtune.config import TrainSettings
-from slimtune.train.packing import use_packed_attention
+from slimtune.train.packing import set_cpu_attention_maths, use_packed_attention
+from slimtune.train.tuning import cpu_attention_maths
+
+
+def _bf16_on_cpu(model: torch.nn.Module) -> bool:
+    """Whether the attention choice applies: a model on the CPU that computes in bf16."""
+    weight = model.get_input_embeddings().weight
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16
 
 
 def checkpoint_some_layers(model: torch.nn.Module, fraction: float) -> tuple[int, int]:
@@ -38,9 +46,12 @@ def slimtune_attention(model: torch.nn.Module, settings: TrainSettings, console:
     packing = use_packed_attention(model) and settings.packing
     if settings.packing and not packing:
         console.print("note: this architecture cannot use packed attention; training with padded batches")
+    maths = cpu_attention_maths(settings.attention_precision) if _bf16_on_cpu(model) else "fp32"
+    previous_maths = set_cpu_attention_maths(maths)
     try:
         yield packing
     finally:
+        set_cpu_attention_maths(previous_maths)
         if previous and model.config._attn_implementation != previous:
             try:
                 model.set_attn_implementation(previous)

@@ -1,0 +1,130 @@
+"""Regional `torch.compile` of the decoder layers during training (`train.compile`).
+
+Every decoder layer's `forward` is replaced, on the instance, by one compiled function per layer
+class: parameters are inputs of the traced graph (torch's inlining of built-in modules), so the 30
+layers of a 30-layer model share the graphs traced for the first one and compile time does not grow
+with depth. Only the layers are compiled: the embedding, the chunked LM head and loss, the optimizer and
+module hooks (DDP's) stay eager. Gradient checkpointing lives inside a layer's `forward` and is traced
+as a checkpointed region.
+
+Shapes are dynamic from the first compile (`dynamic=True`): batch size and width are symbols, so the
+length-grouped padded widths (multiples of 8) and packed rows of every length reuse the same graphs.
+A layer is traced once or twice: with and without a padding mask. The first layer stays eager when
+the embedding is frozen (its input needs no gradient, which would need a graph of its own). Inside the compiled region the LoRA
+dropout and the CPU attention take compiler-friendly forms (`methods/lowrank.py`,
+`train/cpu_attention.py`, both chosen by `torch.compiler.is_compiling()`).
+
+The compiled forwards are removed when training ends, so evaluation and generation run eagerly
+(a KV cache and one-token steps would only cost more compiles).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from rich.console import Console
+from torch import nn
+
+# Measured with `python bench/train_speed.py --configs slimtune,slimtune-compile` (README, "Measured"):
+# on the 2-core CPU VM here the compiled layers did not pay back their compile time within a run of a
+# few hundred steps (see `auto_decision`), so `auto` leaves CPUs eager. No GPU was available to measure.
+AUTO_MIN_STEPS_CUDA = 200
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers (transformers' `GradientCheckpointingLayer`s), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compiler_problem(device: torch.device) -> str | None:
+    """Why `torch.compile` cannot compile for `device` here, in one line; None if it can."""
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX") or "g++"
+        if shutil.which(compiler) is None:
+            return (f"torch.compile on CPU needs a C++ compiler and '{compiler}' is not on PATH: install g++ "
+                    "(e.g. apt-get install g++) or set CXX, or use train.compile=false")
+        return None
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile on CUDA needs the 'triton' package: pip install triton, or use train.compile=false"
+        return None
+    return f"train.compile is not supported on device '{device.type}': use train.compile=false"
+
+
+def auto_decision(device: torch.device, steps: int, distributed: str) -> tuple[bool, str]:
+    """Whether `train.compile: auto` compiles this run, and why (one short phrase)."""
+    if distributed == "fsdp":
+        return False, "FSDP2 shards the layers (compiled layers are not supported with it)"
+    if device.type != "cuda":
+        return False, "on CPU the compiled layers did not pay back their compile time when measured"
+    if steps < AUTO_MIN_STEPS_CUDA:
+        return False, f"{steps} steps are too few to pay back the compile time (auto compiles from {AUTO_MIN_STEPS_CUDA})"
+    return True, f"{steps} steps on CUDA"
+
+
+def compile_problem(setting: str, device: torch.device, distributed: str) -> str | None:
+    """For `train.compile: true`, the config problem that stops it here (the check stage reports it)."""
+    if setting != "true":
+        return None
+    if distributed == "fsdp":
+        return "train.compile=true is not supported with train.distributed=fsdp: use ddp, or train.compile=false"
+    return compiler_problem(device)
+
+
+def compile_layers(layers: list[nn.Module]) -> int:
+    """Replace each layer's forward by its class's compiled forward; returns how many layers."""
+    compiled: dict[type, object] = {}
+    for layer in layers:
+        cls = type(layer)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(cls.forward, dynamic=True)
+        layer.forward = types.MethodType(compiled[cls], layer)
+    return len(layers)
+
+
+def uncompile_layers(layers: list[nn.Module]) -> None:
+    """Back to the class's own (eager) forward."""
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
+
+
+@contextmanager
+def compiled_layers(model: nn.Module, setting: str, device: torch.device, steps: int, distributed: str,
+                    console: Console) -> Iterator[bool]:
+    """Compiled decoder layers inside the block when `setting` ('auto' | 'true' | 'false') asks for it;
+    yields whether they are. `true` was checked by `compile_problem` before anything loaded; `auto`
+    falls back to eager with a note when no compiler is available."""
+    enabled = setting == "true"
+    if setting == "auto":
+        enabled, _ = auto_decision(device, steps, distributed)
+        problem = compiler_problem(device) if enabled else None
+        if problem:
+            console.print(f"note: train.compile=auto runs eagerly: {problem}")
+            enabled = False
+    layers = decoder_layers(model) if enabled else []
+    embeddings = model.get_input_embeddings() if layers else None
+    if layers and embeddings is not None and not embeddings.weight.requires_grad:
+        # The first layer's input (a frozen embedding's output) needs no gradient, every other layer's
+        # does: compiling it too would trace the layer a second time. It stays eager.
+        layers = layers[1:]
+    if enabled and not layers:
+        console.print("note: this model has no decoder layers slimtune can compile; train.compile has no effect")
+    if layers:
+        # Some layers differ (mask or not, first layer or not); the default limit of 8 graphs per code
+        # object is enough, but a model mixing layer kinds in one class could need more.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        compile_layers(layers)
+        console.print(f"compiling {len(layers)} decoder layers (train.compile; the first steps include the compile)")
+    try:
+        yield bool(layers)
+    finally:
+        uncompile_layers(layers)

@@ -1,0 +1,160 @@
+"""Choices that depend on the machine, measured once per machine and cached under `$SLIMTUNE_HOME`.
+
+Which is faster is not the same everywhere: on one CPU the bf16 flash-attention backward ran at less
+than half the speed of fp32 maths, on another (AMX) bf16 may win; the best CPU thread count depends on
+cores, hyper-threads and what else runs. So instead of assuming, the first run on a machine times the
+candidates (a second or two) and stores the answer in `$SLIMTUNE_HOME/tuning.json` (default
+`~/.cache/slimtune/tuning.json`), keyed by the machine (CPU model, core count, torch version); later
+runs read it. A config value other than `auto` / null overrides the measurement and measures nothing.
+
+    {"<machine key>": {"cpu_attention": {"best": "fp32", "fp32_ms": 3.1, "bf16_ms": 7.4, ...},
+                       "cpu_threads": {"best": 2, "gflops": {"1": 820.0, "2": 1530.0}}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from slimtune.models.gguf_cache import slimtune_home
+
+CACHE_NAME = "tuning.json"
+
+
+def cache_path() -> Path:
+    return slimtune_home() / CACHE_NAME
+
+
+def machine_key() -> str:
+    """What the measurements depend on: CPU model, logical cores, torch version."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} | {os.cpu_count()} cpus | torch {torch.__version__}"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measure again and rewrite it
+    return data if isinstance(data, dict) else {}
+
+
+def measured(name: str, measure: Callable[[], dict], path: Path | None = None) -> dict:
+    """This machine's cached result `name`, or `measure()` run now and cached (a failed write only
+    means measuring again next time)."""
+    path = path or cache_path()
+    key = machine_key()
+    data = _read_cache(path)
+    entry = data.get(key, {}).get(name) if isinstance(data.get(key), dict) else None
+    if isinstance(entry, dict) and "best" in entry:
+        return entry
+    entry = measure()
+    data.setdefault(key, {}) if isinstance(data.get(key), dict) else data.__setitem__(key, {})
+    data[key][name] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(partial, path)
+    except OSError:
+        pass
+    return entry
+
+
+def _best_ms(run: Callable[[], None], repeats: int = 5) -> float:
+    run()  # warm-up: first-call allocations and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def time_cpu_attention(batch: int = 4, heads: int = 9, kv_heads: int = 3, length: int = 128, head_dim: int = 64
+                       ) -> dict:
+    """Forward + backward of causal attention on bf16 q, k, v (the bundled model's heads, 4 x 128
+    tokens): fp32 maths (`fp32_attention`) vs bf16 SDPA. Returns {"best", "fp32_ms", "bf16_ms", "shape"}."""
+    import torch.nn.functional as F
+
+    from slimtune.train.cpu_attention import fp32_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, h, length, head_dim, generator=generator, dtype=torch.bfloat16).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    grad = torch.randn(batch, length, heads, head_dim, generator=generator, dtype=torch.bfloat16)
+
+    def fp32_maths() -> None:
+        fp32_attention(q, k, v, None, None, None, True).backward(grad)
+
+    def bf16_maths() -> None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out.transpose(1, 2).backward(grad)
+
+    times = {"fp32_ms": _best_ms(fp32_maths), "bf16_ms": _best_ms(bf16_maths)}
+    return {"best": "fp32" if times["fp32_ms"] <= times["bf16_ms"] else "bf16", **times,
+            "shape": [batch, heads, kv_heads, length, head_dim]}
+
+
+def time_cpu_threads(size: int = 768, seconds: float = 0.3) -> dict:
+    """bf16 matmul GFLOP/s at each candidate thread count (all logical CPUs, and half of them when that
+    is a whole number: hyper-threads often slow matmuls down). Returns {"best", "gflops"}."""
+    total = os.cpu_count() or 1
+    candidates = sorted({total, max(1, total // 2)}, reverse=True)
+    previous = torch.get_num_threads()
+    a = torch.randn(size, size, dtype=torch.bfloat16)
+    b = torch.randn(size, size, dtype=torch.bfloat16)
+    gflops: dict[str, float] = {}
+    try:
+        for threads in candidates:
+            torch.set_num_threads(threads)
+            a @ b
+            best, deadline = 0.0, time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                a @ b
+                best = max(best, 2 * size**3 / (time.perf_counter() - start))
+            gflops[str(threads)] = round(best / 1e9, 1)
+    finally:
+        torch.set_num_threads(previous)
+    # A tie within 3% goes to the larger count (the rest of the step has parallel work too).
+    top = max(gflops.values())
+    best = max(int(t) for t, value in gflops.items() if value >= 0.97 * top)
+    return {"best": best, "gflops": gflops}
+
+
+def cpu_attention_maths(setting: str, measure: Callable[[], dict] = time_cpu_attention) -> str:
+    """'fp32' or 'bf16' for train.attention_precision ('auto' reads or measures this machine's answer)."""
+    if setting != "auto":
+        return setting
+    return str(measured("cpu_attention", measure)["best"])
+
+
+def cpu_threads(setting: int | None, measure: Callable[[], dict] = time_cpu_threads) -> int:
+    """The thread count for train.threads (null reads or measures this machine's best)."""
+    if setting is not None:
+        return setting
+    return int(measured("cpu_threads", measure)["best"])
+
+
+def apply_cpu_threads(setting: int | None, world_size: int) -> None:
+    """Set torch's CPU thread count for training: `setting` when given; else, for one process whose
+    threads nobody chose (OMP_NUM_THREADS), this machine's measured best. Under torchrun each process
+    keeps its share (train/distributed.py)."""
+    if setting is not None:
+        torch.set_num_threads(setting)
+    elif world_size == 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads(None))
