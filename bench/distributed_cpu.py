@@ -29,15 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    from slimtune.launch import child_pids
+
     pids, queue = [], [pid]
     while queue:
         current = queue.pop()
         pids.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                queue += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
+        queue += child_pids(current)
     return pids
 
 

@@ -24,7 +24,7 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
             "-m", "slimtune", "train", *args]
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """The direct children of `pid` (Linux /proc); torchrun's are the training processes."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -42,7 +42,7 @@ def launch(nproc: int, args: list[str]) -> int:
     process = subprocess.Popen(torchrun_command(nproc, args), env=env, start_new_session=True)
 
     def forward(signum, _frame) -> None:
-        for child in _children(process.pid):
+        for child in child_pids(process.pid):
             try:
                 os.kill(child, signum)
             except ProcessLookupError:

@@ -29,12 +29,13 @@ def save_processor_files(run_dir: str | Path, out: Path) -> None:
     """A vision-language base's processor files (image processor, chat template) beside the merged weights,
     so the merged directory loads with `AutoProcessor` as the base did; nothing for a text-only base."""
     from slimtune.models.loader import resolve_model
-    from slimtune.models.vision import processor_source, run_processor
+    from slimtune.models.vision import processor_for, processor_source
 
-    processor = run_processor(run_dir)
+    source = processor_source(run_dir)
+    base = Path(resolve_model(source))
+    processor = processor_for(str(base), source)
     if processor is None:
         return
-    base = Path(resolve_model(processor_source(run_dir)))
     if base.is_dir():
         for name in _PROCESSOR_FILES:
             if (base / name).is_file():

@@ -523,9 +523,9 @@ class LoRAMethod(AttachedMethod):
             if isinstance(layer, DoRALinear):
                 params.append(layer.lora_magnitude_vector)
         if self.full:
-            from slimtune.methods.vision_lora import full_state
+            from slimtune.adapters import modules_to_save_parameters
 
-            params += list(full_state(self.model, self.full).values())
+            params += list(modules_to_save_parameters(self.model, self.full).values())
         return params
 
 
@@ -563,26 +563,25 @@ class LoRA(Method):
         return read_adapter_config(run_dir) if (run_dir / CONFIG_NAME).is_file() else None
 
     def recognises(self, run_dir: Path) -> bool:
+        from slimtune.methods.longlora import LongLoRA  # imports this module: not at the top
+
         config = self._adapter_config(run_dir)
-        # A LongLoRA run is PEFT LoRA too, told apart by its trained modules and its model config.json
-        # (the interpolated RoPE); a vision-language run's fully trained parts have no such file.
-        longlora = bool(config and config.get("modules_to_save")) and (run_dir / "config.json").is_file()
+        # A LongLoRA run is PEFT LoRA too (plus trained modules and its model config.json); a vision-language
+        # run's fully trained parts are modules_to_save as well, but without that file.
         return (config is not None and config["peft_type"] == "LORA" and bool(config.get("use_dora")) == self.use_dora
-                and not longlora)
+                and not LongLoRA().recognises(run_dir))
 
     def recorded_base(self, run_dir: Path) -> str | None:
         config = self._adapter_config(run_dir)
         return config.get("base_model_name_or_path") if config else None
 
     def load(self, run_dir: Path, base_name: str | None, quantized: bool) -> tuple[nn.Module, Any, AttachedMethod]:
-        from slimtune.adapters import read_adapter_config, load_lora_adapter
-
-        from slimtune.methods.vision_lora import full_state
+        from slimtune.adapters import load_lora_adapter, modules_to_save_parameters, read_adapter_config
 
         config = read_adapter_config(run_dir)  # a bad adapter config fails before the base loads
         full = list(config.get("modules_to_save") or ())
         model, tokenizer = load_base(base_name, quantized)
-        full_base = {key: value.detach().clone() for key, value in full_state(model, full).items()}
+        full_base = {key: value.detach().clone() for key, value in modules_to_save_parameters(model, full).items()}
         load_lora_adapter(model, run_dir)
         return model, tokenizer, LoRAMethod(self.name, model, full, full_base)
 

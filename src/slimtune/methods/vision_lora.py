@@ -34,17 +34,11 @@ def vision_lora_targets(model: nn.Module, spec: str | Sequence[str], settings: V
     return chosen, full
 
 
-def full_state(model: nn.Module, roots: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The tensors of the fully trained modules, keyed by their paths in the model (as PEFT's
-    modules_to_save keys them in files)."""
-    from slimtune.adapters import modules_to_save_parameters
-
-    return dict(modules_to_save_parameters(model, roots))
-
-
 def unfreeze(model: nn.Module, roots: Sequence[str]) -> dict[str, torch.Tensor]:
     """Make the modules under `roots` trainable; returns a copy of their weights as they were (the base)."""
-    state = full_state(model, roots)
+    from slimtune.adapters import modules_to_save_parameters
+
+    state = modules_to_save_parameters(model, roots)
     for param in state.values():
         param.requires_grad_(True)
     return {key: value.detach().clone() for key, value in state.items()}
@@ -52,7 +46,9 @@ def unfreeze(model: nn.Module, roots: Sequence[str]) -> dict[str, torch.Tensor]:
 
 def swap_in(model: nn.Module, roots: Sequence[str], values: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Copy `values` into the modules under `roots`; returns what they held before."""
-    current = full_state(model, roots)
+    from slimtune.adapters import modules_to_save_parameters
+
+    current = modules_to_save_parameters(model, roots)
     previous = {key: value.detach().clone() for key, value in current.items()}
     with torch.no_grad():
         for key, param in current.items():
@@ -60,4 +56,4 @@ def swap_in(model: nn.Module, roots: Sequence[str], values: dict[str, Any]) -> d
     return previous
 
 
-__all__ = ["full_state", "swap_in", "unfreeze", "vision_lora_targets"]
+__all__ = ["swap_in", "unfreeze", "vision_lora_targets"]
