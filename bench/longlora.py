@@ -159,6 +159,10 @@ def one_step(args) -> None:
     model, _, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
     cfg = build_config({"method": "longlora", "data": {"train": "unused.jsonl"}, "longlora": {"context": args.context}})
     attached = cfg.plugin.attach(model, cfg, Console(quiet=True))
+    if args.attention == "full":  # the best full attention slimtune has: causal, fp32 maths on CPU (packing.py)
+        from slimtune.train.packing import use_packed_attention
+
+        use_packed_attention(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0))

@@ -246,3 +246,51 @@ def test_unsupported_family_is_named():
 
         with s2_attention(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), 0.25):
             pass
+
+
+@pytest.mark.parametrize("kv_heads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_rows_take_the_block_path_and_match_the_naive_loop(kv_heads, dtype):
+    """A plain causal row (no padding, packing or window; T a multiple of G) runs without mask tensors,
+    as causal blocks; it equals the naive loop, in fp32 and in bf16 (fp32 maths on CPU), with gradients."""
+    from transformers.masking_utils import causal_mask_function
+
+    torch.manual_seed(5)
+    batch, heads, length, dim = 2, 6, 32, 8
+    query = torch.randn(batch, heads, length, dim).to(dtype).requires_grad_(True)
+    key, value = (torch.randn(batch, kv_heads, length, dim).to(dtype).requires_grad_(True) for _ in range(2))
+    mask = RealMask(causal_mask_function, torch.ones(batch, length, dtype=torch.bool), batch, length,
+                    torch.device("cpu"))
+    assert mask.plain_causal()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = shifted_sparse_attention(query, key, value, mask, 0.25, scaling=0.3)
+    assert not mask._groups, "a causal row should not build group masks"
+    allowed = reference_allowed(None, None, length, batch)
+    reference = [t.detach().float().requires_grad_(True) for t in (query, key, value)]
+    expected = naive_s2(*reference, allowed, 0.25, 0.3)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), expected, **tolerance)
+    weights = torch.randn(got.shape)
+    (got.float() * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for mine, theirs in zip((query, key, value), reference):
+        torch.testing.assert_close(mine.grad.float(), theirs.grad, **tolerance)
+
+
+def test_causal_row_gradient_probe_never_crosses_the_wrap():
+    """The block path's shifted blocks: position t sees its plain group and its shifted group only, and
+    the wrapped group's two halves (the row's last G/2 and first G/2 tokens) never see each other."""
+    model = tiny_model("llama", 2, layers=1).train()
+    length = 16  # G = 4
+    torch.manual_seed(6)
+    ids = torch.randint(0, 97, (1, length))
+    with s2_attention(model, 0.25):
+        for target in range(length):
+            grads = input_gradients(model, ids, target)
+            shift_start = ((target - 2) % length) // 4 * 4
+            shifted = {(g + 2) % length for g in range(shift_start, shift_start + 4)}
+            reach = set(range(target // 4 * 4, target + 1)) | {s for s in shifted if s <= target}
+            if target >= 14:
+                reach -= {0, 1}
+            seen = set(torch.nonzero(grads[0] != 0).view(-1).tolist())
+            assert seen == reach, f"position {target} sees {sorted(seen)}, expected {sorted(reach)}"

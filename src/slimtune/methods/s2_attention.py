@@ -13,6 +13,14 @@ its first G/2), and a token never sees a token on the other side of that wrap. A
 nothing (a padding token whose whole group is padding) attends to itself only: its output is never
 read by a real token (real tokens never see padding keys), and it keeps softmax free of NaN.
 
+Causal rows. When the mask is plain causal attention over whole rows (no padding, no packing, no
+window: the usual long-context training row) and T is a multiple of G, every group's mask is causal
+and the shifted last group is two causal halves: groups are then contiguous causal blocks of the
+(rolled) row, boundaries [0, G, ..., T] plain and [0, G, ..., T - G, T - G/2, T] shifted, and run as
+causal attention per block with no mask tensor at all (on CPU in bf16, with fp32 maths like packed
+rows, train/cpu_attention.py). That is what makes S2-Attn cheaper than full attention in time and
+memory; anything else goes through the masked path, which is exact for every mask.
+
 Lengths. G = group_ratio * T rounded up to an even number (>= 2). When T is not a multiple of G the row
 is padded inside attention to the next multiple (the padded keys are masked, their outputs dropped); G
 is not changed, so the group size is what the setting says.
@@ -84,6 +92,12 @@ class RealMask:
             result = result & self.padding[batch, kv_safe[None]]
         return result.expand(self.batch_size, *result.shape[1:])
 
+    def plain_causal(self) -> bool:
+        """Is this exactly causal attention over whole rows (no padding, packing or window)?"""
+        from transformers.masking_utils import causal_mask_function
+
+        return self.mask_function is causal_mask_function and (self.padding is None or bool(self.padding.all()))
+
     def dense(self) -> torch.Tensor:
         index = torch.arange(self.length, device=self.device)
         return self.allowed(index[:, None], index[None, :])[:, None]  # (batch, 1, T, T)
@@ -132,6 +146,29 @@ def _grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return out
 
 
+def _causal_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+                   order: torch.Tensor | None, scaling: float | None, dropout: float) -> torch.Tensor:
+    """Causal attention inside each block [bounds[i], bounds[i+1]) of the row (rolled by `order` first,
+    rolled back after): the groups of a plain causal row with no mask tensor. Shapes as
+    `_grouped_attention`'s; returns (B, h, P, D)."""
+    from slimtune.train.cpu_attention import fp32_attention  # here: slimtune.train imports the config, which imports this
+    from slimtune.train.packing import cpu_attention_maths
+
+    if order is not None:
+        query, key, value = (t.index_select(2, order) for t in (query, key, value))
+    if (query.device.type == "cpu" and query.dtype == torch.bfloat16 and cpu_attention_maths() == "fp32"
+            and dropout == 0.0):
+        out = fp32_attention(query, key, value, None, bounds, scaling, True).transpose(1, 2)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout,
+            scale=scaling, is_causal=True, enable_gqa=key.shape[1] != query.shape[1])
+            for start, end in zip(bounds[:-1], bounds[1:])], dim=2)
+    if order is not None:
+        out = out.index_select(2, torch.argsort(order))
+    return out
+
+
 def _kv_for_heads(tensor: torch.Tensor, first: int, last: int, heads: int) -> torch.Tensor:
     """The key/value heads that query heads [first, last) read under grouped-query attention: a slice when
     the range covers whole KV groups, else one KV head per query head."""
@@ -153,16 +190,24 @@ def shifted_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     if padded != length:
         pad = (0, 0, 0, padded - length)
         query, key, value = F.pad(query, pad), F.pad(key, pad), F.pad(value, pad)
-    plain_mask, shifted_mask = mask.group_masks(group, padded)
     split = heads // 2 if shift else heads
+    order = shifted_order(padded, group).to(query.device)
     parts = []
-    for first, last, part_mask, order in ((0, split, plain_mask, None),
-                                          (split, heads, shifted_mask, shifted_order(padded, group).to(query.device))):
-        if first == last:
-            continue
-        parts.append(_grouped_attention(query[:, first:last], _kv_for_heads(key, first, last, heads),
-                                        _kv_for_heads(value, first, last, heads), part_mask, order, group,
-                                        scaling, dropout))
+    if padded == length and mask.plain_causal():  # contiguous causal blocks, no mask tensor (module docstring)
+        blocks = list(range(0, padded + 1, group))
+        shifted_blocks = blocks[:-1] + [padded - group // 2, padded]  # the wrapped group: two causal halves
+        for first, last, bounds, part_order in ((0, split, blocks, None), (split, heads, shifted_blocks, order)):
+            if first < last:
+                parts.append(_causal_blocks(query[:, first:last], _kv_for_heads(key, first, last, heads),
+                                            _kv_for_heads(value, first, last, heads), bounds, part_order,
+                                            scaling, dropout))
+    else:
+        plain_mask, shifted_mask = mask.group_masks(group, padded)
+        for first, last, part_mask, part_order in ((0, split, plain_mask, None), (split, heads, shifted_mask, order)):
+            if first < last:
+                parts.append(_grouped_attention(query[:, first:last], _kv_for_heads(key, first, last, heads),
+                                                _kv_for_heads(value, first, last, heads), part_mask, part_order,
+                                                group, scaling, dropout))
     out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return out[:, :, :length].transpose(1, 2).contiguous()
 

@@ -32,6 +32,12 @@ def set_cpu_attention_maths(value: str) -> str:
     """Use `value` ('fp32' | 'bf16') for bf16 attention on CPU from now on; returns the previous value."""
     previous, _cpu_maths["value"] = _cpu_maths["value"], value
     return previous
+
+
+def cpu_attention_maths() -> str:
+    """The precision bf16 attention on CPU uses now: 'fp32' or 'bf16'."""
+    return _cpu_maths["value"]
+
 # Keyword arguments that do not change what attention computes (the packed boundaries are handled here).
 _PLAIN_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "use_cache",
                  "is_causal", "cache_position", "output_attentions", "sliding_window"}
