@@ -211,7 +211,10 @@ def build_run(checked: CheckedRun, console: Console, stack: ExitStack, runtime: 
     else:
         model, _, base_model = load_model(cfg.model, dtype=dtype)
         model.to(device)
-    packing = stack.enter_context(slimtune_attention(model, cfg.train, console))
+    lengths = sorted(len(example.input_ids) for example in checked.train_set.examples)
+    row_length = lengths[len(lengths) // 2] if lengths else cfg.data.max_length  # the median row
+    attention_length = checked.method.attention_length(cfg, row_length)
+    packing = stack.enter_context(slimtune_attention(model, cfg.train, console, attention_length))
     if cfg.train.fused_ops:
         fuse_modules(model)
     seed_everything(cfg.train.seed)  # the method's initialisation draws from the seed alone

@@ -31,16 +31,27 @@ def home(tmp_path, monkeypatch):
 
 def test_measured_once_then_read_from_the_cache(home):
     measure = Counting("bf16")
-    assert tuning.cpu_attention_maths("auto", measure) == "bf16"
-    assert tuning.cpu_attention_maths("auto", measure) == "bf16"
+    assert tuning.cpu_attention_maths("auto", measure=measure) == "bf16"
+    assert tuning.cpu_attention_maths("auto", measure=measure) == "bf16"
     assert measure.calls == 1
     cached = json.loads((home / "tuning.json").read_text())
-    assert cached[tuning.machine_key()]["cpu_attention"]["best"] == "bf16"
+    assert cached[tuning.machine_key()]["cpu_attention@128"]["best"] == "bf16"
+
+
+def test_attention_is_measured_per_length_band(home):
+    """Rows of ~100 and of ~4000 tokens are different questions; lengths in one band share one answer."""
+    short, long = Counting("fp32"), Counting("bf16")
+    assert tuning.cpu_attention_maths("auto", 112, short) == "fp32"
+    assert tuning.cpu_attention_maths("auto", 4096, long) == "bf16"
+    assert tuning.cpu_attention_maths("auto", 200, short) == "fp32" and short.calls == 1
+    assert tuning.cpu_attention_maths("auto", 3000, long) == "bf16" and long.calls == 1
+    assert [tuning.attention_band(n) for n in (1, 200, 300, 1000, 1100, 4000, 5000, 100000)] == \
+        [128, 128, 512, 512, 2048, 2048, 8192, 8192]
 
 
 def test_config_value_overrides_and_measures_nothing(home):
     measure = Counting("bf16")
-    assert tuning.cpu_attention_maths("fp32", measure) == "fp32"
+    assert tuning.cpu_attention_maths("fp32", measure=measure) == "fp32"
     assert tuning.cpu_threads(3, Counting(1)) == 3
     assert measure.calls == 0 and not (home / "tuning.json").exists()
 
@@ -57,8 +68,8 @@ def test_another_machine_measures_again(home, monkeypatch):
 def test_damaged_cache_is_measured_again_and_rewritten(home, content):
     (home / "tuning.json").write_text(content.replace("%s", tuning.machine_key()))
     measure = Counting("fp32")
-    assert tuning.cpu_attention_maths("auto", measure) == "fp32" and measure.calls == 1
-    assert tuning.cpu_attention_maths("auto", measure) == "fp32" and measure.calls == 1
+    assert tuning.cpu_attention_maths("auto", measure=measure) == "fp32" and measure.calls == 1
+    assert tuning.cpu_attention_maths("auto", measure=measure) == "fp32" and measure.calls == 1
 
 
 def test_unwritable_home_still_answers(tmp_path, monkeypatch):

@@ -128,6 +128,11 @@ class Method:
         return []
 
     # -- build -------------------------------------------------------------------------------------
+    def attention_length(self, cfg: Config, row_length: int) -> int:
+        """How many tokens attention spans in a training row of `row_length` tokens (all of them, unless
+        the method cuts rows into groups); on CPU the faster attention maths depends on it."""
+        return row_length
+
     def attach(self, model: nn.Module, cfg: Config, console: Console, quiet: bool = False) -> AttachedMethod:
         raise NotImplementedError
 

@@ -38,7 +38,7 @@ from slimtune.methods.base import AttachedMethod, Method, load_base
 from slimtune.methods.freeze import FrozenCopies, _is_norm, _upcast
 from slimtune.methods.lora import CONFIG_NAME, WEIGHTS_NAME, LoRAMethod, attach_lora
 from slimtune.section import Section
-from slimtune.methods.s2_attention import family_problem, s2_attention
+from slimtune.methods.s2_attention import family_problem, group_layout, s2_attention
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -221,6 +221,9 @@ class LongLoRA(Method):
             return [f"data.max_length {cfg.data.max_length} exceeds longlora.context {settings.context}: raise "
                     "longlora.context or lower data.max_length"]
         return []
+
+    def attention_length(self, cfg: Config, row_length: int) -> int:
+        return group_layout(row_length, cfg.longlora.group_ratio)[0]  # S2-Attn attends within groups
 
     def attach(self, model: nn.Module, cfg: Config, console: Console, quiet: bool = False) -> AttachedMethod:
         settings, lora = cfg.longlora, cfg.lora

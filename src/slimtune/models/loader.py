@@ -102,6 +102,7 @@ def load_model(
 ):
     """Load `(model, tokenizer, resolved_path)` ready for attaching adapters (see `load_tokenizer`); a
     vision-language model (config with a `vision_config`) loads with `AutoModelForImageTextToText`."""
+    from slimtune.models.head import contiguous_head_input
     from slimtune.models.skeleton import model_config
     from slimtune.models.vision import auto_model_class
 
@@ -116,6 +117,7 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model '{name}': {exc}; {_load_hint(name, resolved)}") from None
     model.config.use_cache = False
+    contiguous_head_input(model)
     return model, tokenizer, resolved
 
 

@@ -180,6 +180,7 @@ def load_quantized_model(name: str, dtype: torch.dtype, device: torch.device, co
 
     Streams when it can (peak: the 4-bit model plus about one 16-bit tensor); otherwise loads the whole
     model on the CPU, quantizes it there and then moves it, and `note` says why."""
+    from slimtune.models.head import contiguous_head_input
     from slimtune.models.loader import load_model, load_tokenizer, resolve_model
     from slimtune.quant.linear4bit import quantize_model
 
@@ -193,6 +194,7 @@ def load_quantized_model(name: str, dtype: torch.dtype, device: torch.device, co
     try:
         model, quantized = stream_quantized(resolved, dtype, device, wanted, compute_dtype, on_layer=on_layer)
         model.config.use_cache = False
+        contiguous_head_input(model)
         return model, load_tokenizer(resolved, name), resolved, quantized, None
     except NotStreamable as why:
         note = f"loading the whole model before quantizing it ({why})"

@@ -39,14 +39,16 @@ def checkpoint_some_layers(model: torch.nn.Module, fraction: float) -> tuple[int
         layer.gradient_checkpointing = index in chosen
     return keep, len(layers)
 @contextmanager
-def slimtune_attention(model: torch.nn.Module, settings: TrainSettings, console: Console) -> Iterator[bool]:
+def slimtune_attention(model: torch.nn.Module, settings: TrainSettings, console: Console,
+                       attention_length: int = 128) -> Iterator[bool]:
     """For the whole run (training and its evaluations): slimtune's attention function. Yields whether
-    packed batches can be used (\`settings.packing\` and an architecture that supports it)."""
+    packed batches can be used (\`settings.packing\` and an architecture that supports it).
+    `attention_length`: the run's typical attention length (the CPU maths choice depends on it)."""
     previous = getattr(model.config, "_attn_implementation", None)
     packing = use_packed_attention(model) and settings.packing
     if settings.packing and not packing:
         console.print("note: this architecture cannot use packed attention; training with padded batches")
-    maths = cpu_attention_maths(settings.attention_precision) if _bf16_on_cpu(model) else "fp32"
+    maths = cpu_attention_maths(settings.attention_precision, attention_length) if _bf16_on_cpu(model) else "fp32"
     previous_maths = set_cpu_attention_maths(maths)
     try:
         yield packing

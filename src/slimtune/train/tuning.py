@@ -7,13 +7,18 @@ candidates (a second or two) and stores the answer in `$SLIMTUNE_HOME/tuning.jso
 `~/.cache/slimtune/tuning.json`), keyed by the machine (CPU model, core count, torch version); later
 runs read it. A config value other than `auto` / null overrides the measurement and measures nothing.
 
-    {"<machine key>": {"cpu_attention": {"best": "fp32", "fp32_ms": 3.1, "bf16_ms": 7.4, ...},
+    {"<machine key>": {"cpu_attention@128": {"best": "fp32", "fp32_ms": 3.1, "bf16_ms": 7.4, ...},
                        "cpu_threads": {"best": 2, "gflops": {"1": 820.0, "2": 1530.0}}}}
+
+The attention answer also depends on the length attended over: on one AMX machine fp32 maths won at
+rows of ~112 tokens while bf16 flash won at 4096-token blocks (1.35x). So it is measured per length
+band (128, 512, 2048, 8192 tokens), at the band nearest to the run's typical attention length.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -84,13 +89,24 @@ def _best_ms(run: Callable[[], None], repeats: int = 5) -> float:
     return best * 1e3
 
 
-def time_cpu_attention(batch: int = 4, heads: int = 9, kv_heads: int = 3, length: int = 128, head_dim: int = 64
-                       ) -> dict:
-    """Forward + backward of causal attention on bf16 q, k, v (the bundled model's heads, 4 x 128
-    tokens): fp32 maths (`fp32_attention`) vs bf16 SDPA. Returns {"best", "fp32_ms", "bf16_ms", "shape"}."""
+ATTENTION_BANDS = (128, 512, 2048, 8192)  # attention lengths measured; a run uses the nearest (log scale)
+
+
+def attention_band(length: int) -> int:
+    """The measured attention length nearest to `length` on a log scale."""
+    return min(ATTENTION_BANDS, key=lambda band: abs(math.log(max(length, 1) / band)))
+
+
+def time_cpu_attention(batch: int | None = None, heads: int = 9, kv_heads: int = 3, length: int = 128,
+                       head_dim: int = 64) -> dict:
+    """Forward + backward of causal attention on bf16 q, k, v (the bundled model's heads; `batch` rows of
+    `length` tokens, by default 512 tokens in all or one row): fp32 maths (`fp32_attention`) vs bf16
+    SDPA. Returns {"best", "fp32_ms", "bf16_ms", "shape"}."""
     import torch.nn.functional as F
 
     from slimtune.train.cpu_attention import fp32_attention
+
+    batch = batch or max(1, 512 // length)
 
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, h, length, head_dim, generator=generator, dtype=torch.bfloat16).requires_grad_()
@@ -104,7 +120,8 @@ def time_cpu_attention(batch: int = 4, heads: int = 9, kv_heads: int = 3, length
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         out.transpose(1, 2).backward(grad)
 
-    times = {"fp32_ms": _best_ms(fp32_maths), "bf16_ms": _best_ms(bf16_maths)}
+    repeats = 5 if length <= 512 else 2  # a long row takes seconds; its timing is steadier too
+    times = {"fp32_ms": _best_ms(fp32_maths, repeats), "bf16_ms": _best_ms(bf16_maths, repeats)}
     return {"best": "fp32" if times["fp32_ms"] <= times["bf16_ms"] else "bf16", **times,
             "shape": [batch, heads, kv_heads, length, head_dim]}
 
@@ -136,11 +153,13 @@ def time_cpu_threads(size: int = 768, seconds: float = 0.3) -> dict:
     return {"best": best, "gflops": gflops}
 
 
-def cpu_attention_maths(setting: str, measure: Callable[[], dict] = time_cpu_attention) -> str:
-    """'fp32' or 'bf16' for train.attention_precision ('auto' reads or measures this machine's answer)."""
+def cpu_attention_maths(setting: str, length: int = 128, measure: Callable[[], dict] | None = None) -> str:
+    """'fp32' or 'bf16' for train.attention_precision ('auto' reads or measures this machine's answer
+    for attention over about `length` tokens)."""
     if setting != "auto":
         return setting
-    return str(measured("cpu_attention", measure)["best"])
+    band = attention_band(length)
+    return str(measured(f"cpu_attention@{band}", measure or (lambda: time_cpu_attention(length=band)))["best"])
 
 
 def cpu_threads(setting: int | None, measure: Callable[[], dict] = time_cpu_threads) -> int:
