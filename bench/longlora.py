@@ -67,7 +67,7 @@ def train_variant(name: str, data: Path, out: Path, args, trainable: list[str]) 
         "data": {"train": str(data), "max_length": args.train_length},
         "longlora": {"context": args.context, "trainable": trainable},
         "train": {"max_steps": args.steps, "batch_size": 1, "lr": args.lr, "warmup_ratio": 0.0, "save_every": None,
-                  "grad_checkpointing": True},
+                  "grad_checkpointing": True, "attention_precision": args.maths},
     })
     started = time.perf_counter()
     finetune(cfg, Console(stderr=True))
@@ -95,7 +95,17 @@ def quality(args) -> dict:
                     "eval_tokens": len(eval_stream), "steps": args.steps, "train_length": args.train_length,
                     "context": args.context, "lr": args.lr, "models": {}}
 
+    previous = json.loads((out / "longlora_quality.json").read_text()) if args.resume and \
+        (out / "longlora_quality.json").exists() else {}
+    same_eval = all(previous.get(k) == report[k] for k in ("eval_files", "eval_tokens", "context"))
+
     def measure(name: str, model, passkey: bool) -> None:
+        kept = previous.get("models", {}).get(name, {})
+        if same_eval and name in ("base", f"interpolation only (x{factor})") and all(str(n) in kept for n in lengths) \
+                and (not passkey or "passkey" in kept or not args.passkey_length):
+            report["models"][name] = kept  # untrained rows do not depend on the training settings
+            print(f"{name}: kept from the previous run ({kept})", flush=True)
+            return
         model.eval()
         row = {}
         with torch.no_grad():
@@ -109,8 +119,8 @@ def quality(args) -> dict:
         report["models"][name] = row
         (out / "longlora_quality.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
-    measure("base", base, passkey=True)
     factor = interpolation_factor(base.config, args.context)
+    measure("base", base, passkey=True)
     interpolate_positions(base, factor)
     measure(f"interpolation only (x{factor})", base, passkey=False)
     del base
@@ -159,10 +169,16 @@ def one_step(args) -> None:
     model, _, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
     cfg = build_config({"method": "longlora", "data": {"train": "unused.jsonl"}, "longlora": {"context": args.context}})
     attached = cfg.plugin.attach(model, cfg, Console(quiet=True))
-    if args.attention == "full":  # the best full attention slimtune has: causal, fp32 maths on CPU (packing.py)
-        from slimtune.train.packing import use_packed_attention
+    from slimtune.methods.s2_attention import group_layout
+    from slimtune.train.packing import set_cpu_attention_maths, use_packed_attention
+    from slimtune.train.tuning import cpu_attention_maths
 
+    if args.attention == "full":  # slimtune's own causal attention (packing.py), as a training run has
         use_packed_attention(model)
+    # The CPU attention maths a run would use for this span (measured per machine and length band)
+    span = group_layout(args.length, 0.25)[0] if args.attention == "s2" else args.length
+    maths = cpu_attention_maths(args.maths, span)
+    set_cpu_attention_maths(maths)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0))
@@ -176,7 +192,7 @@ def one_step(args) -> None:
             loss.backward()
             total = time.perf_counter() - started
             model.zero_grad(set_to_none=True)
-    print(json.dumps({"attention": args.attention, "length": args.length, "forward_s": round(forward, 1),
+    print(json.dumps({"attention": args.attention, "maths": maths, "length": args.length, "forward_s": round(forward, 1),
                       "step_s": round(total, 1), "steps_run": args.repeat,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
 
@@ -212,7 +228,8 @@ def cost(args) -> dict:
     results = {}
     for attention in ("s2", "full"):
         phase = "attention-step" if args.attention_only else "step"
-        command = [sys.executable, __file__, "--phase", phase, "--attention", attention, "--length", str(args.length),
+        command = [sys.executable, __file__, "--phase", phase, "--attention", attention, "--maths", args.maths,
+                   "--length", str(args.length),
                    "--context", str(args.context), "--repeat", str(args.repeat)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[attention] = json.loads(output.strip().splitlines()[-1])
@@ -240,7 +257,11 @@ def main() -> None:
     parser.add_argument("--passkey-trials", type=int, default=5)
     parser.add_argument("--length", type=int, default=16384, help="cost phase: tokens per step")
     parser.add_argument("--attention", choices=["s2", "full"], default="s2")
+    parser.add_argument("--maths", choices=["auto", "fp32", "bf16"], default="auto", help="CPU attention maths "
+                        "(train.attention_precision; auto: this machine's measured choice for the span)")
     parser.add_argument("--repeat", type=int, default=2, help="cost phase: steps per process (the last is timed)")
+    parser.add_argument("--resume", action="store_true", help="quality phase: keep the base and interpolation-only "
+                        "rows of a previous run on the same eval files (they do not depend on training)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     {"quality": quality, "cost": cost, "step": one_step, "attention-step": attention_step}[args.phase](args)

@@ -79,14 +79,18 @@ def measured(name: str, measure: Callable[[], dict], path: Path | None = None) -
     return entry
 
 
-def _best_ms(run: Callable[[], None], repeats: int = 5) -> float:
-    run()  # warm-up: first-call allocations and kernel selection
-    best = float("inf")
+def _best_ms(runs: dict[str, Callable[[], None]], repeats: int = 5) -> dict[str, float]:
+    """Each candidate's best time in ms. The candidates take turns (a, b, a, b, ...), so that other work
+    slowing the machine for a while slows both rather than deciding the answer."""
+    for run in runs.values():
+        run()  # warm-up: first-call allocations and kernel selection
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
 ATTENTION_BANDS = (128, 512, 2048, 8192)  # attention lengths measured; a run uses the nearest (log scale)
@@ -121,7 +125,7 @@ def time_cpu_attention(batch: int | None = None, heads: int = 9, kv_heads: int =
         out.transpose(1, 2).backward(grad)
 
     repeats = 5 if length <= 512 else 2  # a long row takes seconds; its timing is steadier too
-    times = {"fp32_ms": _best_ms(fp32_maths, repeats), "bf16_ms": _best_ms(bf16_maths, repeats)}
+    times = _best_ms({"fp32_ms": fp32_maths, "bf16_ms": bf16_maths}, repeats)
     return {"best": "fp32" if times["fp32_ms"] <= times["bf16_ms"] else "bf16", **times,
             "shape": [batch, heads, kv_heads, length, head_dim]}
 
