@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -132,6 +134,45 @@ class ServerState:
                               ignore_eos=body.ignore_eos)
 
 
+class _Mailbox:
+    """Events from the engine thread to one event loop, with one wake-up per burst.
+
+    A decode step sends one event per row (up to the batch size) within a few microseconds; handing
+    each to `call_soon_threadsafe` wakes the loop once per event (a self-pipe write and a context switch
+    each, on the cores the engine's matmul threads need). Here only the event that finds the mailbox
+    empty schedules a delivery; the delivery takes everything posted by then."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        """Called on the engine thread; RuntimeError once the loop has closed (nobody is listening)."""
+        if self._loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a delivery is already scheduled and will take this event too
+        self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    if loop not in _mailboxes:
+        _mailboxes[loop] = _Mailbox(loop)
+    return _mailboxes[loop]
+
+
 class Submission:
     """The prompts of one request, queued on the engine; `events()` yields what the engine sends back."""
 
@@ -142,10 +183,10 @@ class Submission:
                                 f"{state.limits.max_concurrent}): retry shortly", code="too_many_requests")
         self.state = state
         self.events_queue: asyncio.Queue[Event] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        mailbox = _mailbox(asyncio.get_running_loop())
 
         def sink(event: Event) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(self.events_queue.put_nowait, event)
+            mailbox.post(self.events_queue, event)
 
         self.generations = [Generation(ids, adapter, params, sink, index) for index, ids in enumerate(prompts)]
         self.prompt_tokens = sum(len(ids) for ids in prompts)
