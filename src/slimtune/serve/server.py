@@ -23,7 +23,7 @@ from slimtune.errors import AdapterError, SlimtuneError
 from slimtune.methods.multi import AdapterSet
 from slimtune.methods.base import load_base
 from slimtune.serve.app import ServerState, create_app
-from slimtune.serve.engine import Engine
+from slimtune.serve.engine import Engine, ModelThread
 from slimtune.serve.errors import APIError
 from slimtune.serve.images import ImageLimits
 from slimtune.serve.registry import AdapterRegistry
@@ -95,21 +95,32 @@ def build_app(model: str | None = None, adapters: dict[str, str] | None = None, 
         raise SlimtuneError(f"--quantize {quantize!r}: use auto, none or nf4")
     quantized = quantize == "nf4" or (quantize == "auto" and trained_on_nf4(adapters, root))
     weights_dtype = _weights_dtype(dtype, quantized)
-    # As load_run rebuilds a QLoRA run's base (streamed, one layer at a time), so replies equal
-    # `slimtune generate`'s.
-    base, tokenizer = load_base(base_name, quantized)
-    base.to(resolve_device(device), dtype=weights_dtype).eval()
-    adapter_set = AdapterSet(base)
-    registry = AdapterRegistry(adapter_set, root, base_name, quantized, limits.max_adapters)
-    for name, path_text in adapters.items():
-        try:
-            registry.load(name, path_text)
-        except APIError as exc:
-            raise AdapterError(f"--adapter {name}={path_text}: {exc.message}") from None
+    def load() -> tuple:
+        # As load_run rebuilds a QLoRA run's base (streamed, one layer at a time), so replies equal
+        # `slimtune generate`'s.
+        base, tokenizer = load_base(base_name, quantized)
+        base.to(resolve_device(device), dtype=weights_dtype).eval()
+        adapter_set = AdapterSet(base)
+        registry = AdapterRegistry(adapter_set, root, base_name, quantized, limits.max_adapters)
+        for name, path_text in adapters.items():
+            try:
+                registry.load(name, path_text)
+            except APIError as exc:
+                raise AdapterError(f"--adapter {name}={path_text}: {exc.message}") from None
+        return base, tokenizer, adapter_set, registry
+
+    # Loaded on the thread the engine will decode on (engine.ModelThread says why).
+    model_thread = ModelThread()
     try:
-        engine = Engine(base, tokenizer, adapter_set, limits.max_batch, limits.prefill_tokens, limits.max_kv_tokens)
-    except ValueError as exc:
-        raise SlimtuneError(f"cannot serve '{base_name}': {exc}") from None
+        base, tokenizer, adapter_set, registry = model_thread.run(load)
+        try:
+            engine = Engine(base, tokenizer, adapter_set, limits.max_batch, limits.prefill_tokens,
+                            limits.max_kv_tokens, thread=model_thread)
+        except ValueError as exc:
+            raise SlimtuneError(f"cannot serve '{base_name}': {exc}") from None
+    except BaseException:
+        model_thread.hand_over(lambda: None)  # nothing to serve: the thread ends
+        raise
     context = int(getattr(base.config, "max_position_embeddings", 0) or limits.max_prompt_tokens + limits.max_tokens)
     state = ServerState(engine, registry, tokenizer, base_name, limits, context, processor=_processor(base_name),
                         image_limits=ImageLimits(root=Path(image_root).expanduser() if image_root else None))
