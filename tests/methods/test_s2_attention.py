@@ -186,6 +186,15 @@ def input_gradients(model, ids, target: int, **inputs) -> torch.Tensor:
     return embeds.grad.abs().sum(-1)
 
 
+def one_layer_reach(target: int, length: int) -> set[int]:
+    """What position `target` may see through one S2 layer with G = 4: its unshifted group [4k, 4k+4)
+    and its shifted group (starting 2 later), causally; the wrap (0, 1 seen from 14, 15) is cut."""
+    shift_start = ((target - 2) % length) // 4 * 4
+    shifted = {(g + 2) % length for g in range(shift_start, shift_start + 4)}
+    reach = set(range(target // 4 * 4, target + 1)) | {s for s in shifted if s <= target}
+    return reach - {0, 1} if target >= length - 2 else reach
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_probes_no_future_padding_other_example_or_wraparound(family):
     model = tiny_model(family, 2, layers=1).train()
@@ -200,12 +209,7 @@ def test_gradient_probes_no_future_padding_other_example_or_wraparound(family):
             assert (grads[:, target + 1:] == 0).all(), f"position {target} sees a future token"
             if target >= 3:
                 assert (grads[1, :3] == 0).all(), f"position {target} sees padding"
-            # one layer: unshifted group [4k, 4k+4) plus shifted group; the wrap (0, 1 from 14, 15) is cut
-            group_start = target // 4 * 4
-            shifted = [(g + 2) % length for g in range(((target - 2) % length) // 4 * 4, ((target - 2) % length) // 4 * 4 + 4)]
-            reach = set(range(group_start, target + 1)) | {s for s in shifted if s <= target}
-            if target >= 14:
-                reach -= {0, 1}
+            reach = one_layer_reach(target, length)
             seen = set(torch.nonzero(grads[0] != 0).view(-1).tolist())
             if family != "gemma3_text":  # Gemma-3's sliding layer narrows it further (window 5)
                 assert seen == reach, f"position {target} sees {sorted(seen)}, expected {sorted(reach)}"
@@ -287,10 +291,6 @@ def test_causal_row_gradient_probe_never_crosses_the_wrap():
     with s2_attention(model, 0.25):
         for target in range(length):
             grads = input_gradients(model, ids, target)
-            shift_start = ((target - 2) % length) // 4 * 4
-            shifted = {(g + 2) % length for g in range(shift_start, shift_start + 4)}
-            reach = set(range(target // 4 * 4, target + 1)) | {s for s in shifted if s <= target}
-            if target >= 14:
-                reach -= {0, 1}
+            reach = one_layer_reach(target, length)
             seen = set(torch.nonzero(grads[0] != 0).view(-1).tolist())
             assert seen == reach, f"position {target} sees {sorted(seen)}, expected {sorted(reach)}"

@@ -151,19 +151,16 @@ def _causal_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     """Causal attention inside each block [bounds[i], bounds[i+1]) of the row (rolled by `order` first,
     rolled back after): the groups of a plain causal row with no mask tensor. Shapes as
     `_grouped_attention`'s; returns (B, h, P, D)."""
-    from slimtune.train.cpu_attention import fp32_attention  # here: slimtune.train imports the config, which imports this
-    from slimtune.train.packing import cpu_attention_maths
+    # Imported here: slimtune.train imports the config, which imports this module.
+    from slimtune.train.cpu_attention import fp32_attention
+    from slimtune.train.packing import cpu_fp32_maths, sdpa_blocks
 
     if order is not None:
         query, key, value = (t.index_select(2, order) for t in (query, key, value))
-    if (query.device.type == "cpu" and query.dtype == torch.bfloat16 and cpu_attention_maths() == "fp32"
-            and dropout == 0.0):
+    if cpu_fp32_maths(query, dropout):
         out = fp32_attention(query, key, value, None, bounds, scaling, True).transpose(1, 2)
     else:
-        out = torch.cat([F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout,
-            scale=scaling, is_causal=True, enable_gqa=key.shape[1] != query.shape[1])
-            for start, end in zip(bounds[:-1], bounds[1:])], dim=2)
+        out = sdpa_blocks(query, key, value, bounds, scaling, dropout)
     if order is not None:
         out = out.index_select(2, torch.argsort(order))
     return out

@@ -193,18 +193,15 @@ class Engine:
         self._pending: deque[Generation] = deque()
         self._rows: list[Generation] = []  # row i of `_batch`
         self._batch = DecodeBatch()
-        self._thread: threading.Thread | ModelThread | None = None
+        self._thread: ModelThread | None = None
         self._model_thread = thread  # the thread that loaded the model, if any: the loop runs on it
 
     # --- called from other threads ------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._model_thread is not None and self._model_thread.is_alive():
-            self._thread, self._model_thread = self._model_thread, None
-            self._thread.hand_over(self._loop)
-            return
-        self._thread = threading.Thread(target=self._loop, name="slimtune-engine", daemon=True)
-        self._thread.start()
+        given, self._model_thread = self._model_thread, None
+        self._thread = given if given is not None and given.is_alive() else ModelThread()
+        self._thread.hand_over(self._loop)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fail what is still queued or running (503) and end the thread."""

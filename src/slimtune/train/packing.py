@@ -34,9 +34,24 @@ def set_cpu_attention_maths(value: str) -> str:
     return previous
 
 
-def cpu_attention_maths() -> str:
-    """The precision bf16 attention on CPU uses now: 'fp32' or 'bf16'."""
-    return _cpu_maths["value"]
+def cpu_fp32_maths(query: torch.Tensor, dropout: float) -> bool:
+    """Whether attention on these bf16 CPU inputs runs with fp32 maths (the run's choice; no dropout)."""
+    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and _cpu_maths["value"] == "fp32"
+            and dropout == 0.0)
+
+
+def sdpa_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: Sequence[int],
+                scaling: float | None, dropout: float) -> torch.Tensor:
+    """Causal SDPA inside each slice [bounds[i], bounds[i+1]) of the rows (packed examples, S2-Attn
+    groups); (batch, heads, T, head_dim)."""
+    gqa = query.shape[1] != key.shape[1]
+    return torch.cat([
+        F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
+        )
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ], dim=2)
 
 # Keyword arguments that do not change what attention computes (the packed boundaries are handled here).
 _PLAIN_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "use_cache",
@@ -83,8 +98,7 @@ def packed_attention(
     # Anything else that changes the maths (a logit soft-cap, attention sinks, a position bias, ...)
     # goes to transformers' own SDPA function, which knows it.
     plain = all(value is None for name, value in kwargs.items() if name not in _PLAIN_KWARGS)
-    if (query.device.type == "cpu" and query.dtype == torch.bfloat16 and _cpu_maths["value"] == "fp32"
-            and dropout == 0.0 and same_length and plain
+    if (cpu_fp32_maths(query, dropout) and same_length and plain
             and key.shape[-1] == value.shape[-1] and (bounds is None or attention_mask is None)):
         # fp32 maths with bf16 saved tensors: faster than bf16 on CPU, and lean (train/cpu_attention.py)
         mask = attention_mask
@@ -95,16 +109,8 @@ def packed_attention(
     if bounds is None or not same_length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    gqa = query.shape[1] != key.shape[1]
-    edges = bounds.tolist()
-    outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
-        )
-        for start, end in zip(edges[:-1], edges[1:])
-    ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (1, T, heads, head_dim)
+    out = sdpa_blocks(query, key, value, bounds.tolist(), scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None  # (1, T, heads, head_dim)
 
 
 def _packed_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
