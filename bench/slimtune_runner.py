@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = build_config({
         "model": args.model_dir, "output": str(work / "run"), "overwrite": True, "method": args.method,
         # AdaLoRA reads lora.alpha, dropout and targets; its ranks come from adalora.* below.
-        "lora": {**({} if args.method == "adalora" else {"r": 16}), "alpha": 32, "dropout": 0.05,
+        "lora": {**({} if args.method == "adalora" else {"r": 16}), "alpha": 32, "dropout": args.lora_dropout,
                  "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "data": {"train": args.train, "max_length": args.max_length},
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.0,
@@ -144,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
     parser.add_argument("--method", default="lora", choices=["lora", "dora", "adalora"])
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="lora.dropout (the peer's 0.05)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)

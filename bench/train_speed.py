@@ -11,12 +11,12 @@ per example, peak RSS (and peak GPU memory on a GPU), response-token eval loss a
 measured matmul peak reached, where a LoRA step costs ~4 x (non-embedding + LM-head params) FLOPs
 per token. Ratios are against the fastest peer configuration.
 
-Per configuration it also prints where a step's time goes (torch.profiler over a few steps in the
-middle of the run, operator self times by category: bench/step_profile.py), steady-state tokens/s
-(the median step after the first 3, profiled steps left out: compile time excluded), and the wall time
-of the whole process: start-up (imports, model load, compile) until training ends (less the time the
-profiler takes to close), and that projected
-to a 150-step run (start-up + first steps as measured + the remaining steps at the steady step time;
+Per configuration it also prints where a step's time goes (torch.profiler over steps 8-10 of a second,
+short process, operator self times by category: bench/step_profile.py; the measured run has no profiler,
+which slowed the peer's later steps and raised its peak RSS when both ran in one process), steady-state
+tokens/s (the median step after the first 3: compile time excluded), and the wall time of the whole
+process: start-up (imports, model load, compile) until training ends, and that projected to a 150-step
+run (start-up + first steps as measured + the remaining steps at the steady step time;
 `--examples 600 --steps 150` measures a real one instead).
 
     python bench/train_speed.py                       # default: peers, slimtune eager and compiled, 96 examples
@@ -89,23 +89,40 @@ def flops_per_token(model_dir: str) -> float:
     return 4.0 * (total - embedding + head)
 
 
-def run_config(name: str, model_dir: str, train: str, eval_: str | None, out: Path, slimtune_args: list[str],
-               common: list[str]) -> dict:
-    extra = slimtune_args if name.startswith("slimtune") else []
-    command = [sys.executable, *CONFIGS[name], *extra, *common, "--model-dir", model_dir, "--train", train,
-               *(["--eval", eval_] if eval_ else []), "--json-out", str(out)]
+def _run(name: str, command: list[str]) -> float:
+    """Run one runner process; returns its launch time (unix)."""
     launched = time.time()
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if completed.returncode != 0:
         raise SystemExit(f"{name} failed:\n{completed.stderr[-3000:]}")
+    return launched
+
+
+def run_config(name: str, model_dir: str, train: str, eval_: str | None, out: Path, slimtune_args: list[str],
+               common: list[str], profile: tuple[int, int] | None) -> dict:
+    """The measured run (no profiler: torch.profiler left the peer's later steps 15-30% slower and added
+    ~0.6 GB to its peak RSS, so figures taken beside a profile flatter whoever is profiled less), then,
+    when `profile` = (first step, steps), a second, short process that profiles those steps and is
+    measured for nothing else."""
+    extra = slimtune_args if name.startswith("slimtune") else []
+    base = [sys.executable, *CONFIGS[name], *extra, *common, "--model-dir", model_dir, "--train", train]
+    launched = _run(name, [*base, *(["--eval", eval_] if eval_ else []), "--profile-steps", "0",
+                           "--json-out", str(out)])
     result = json.loads(out.read_text())
     # Whole-process figures: from launch (imports, model load, compile) to the end of training.
     result["startup_s"] = result["train_started_unix"] - launched
-    result["wall_to_trained_s"] = result["train_end_unix"] - launched - result.get("profile_overhead_s", 0.0)
+    result["wall_to_trained_s"] = result["train_end_unix"] - launched
     steps = len(result["step_times"])
     warm = min(3, steps)
     result["wall_150_s"] = (result["startup_s"] + sum(result["step_times"][:warm])
                             + (WHOLE_RUN_STEPS - warm) * result["steady_step_s"])
+    if profile:
+        first, count = profile
+        profiled = out.with_name(out.stem + "-profile.json")
+        _run(name, [*base, "--steps", str(first + count), "--profile-from", str(first), "--profile-steps", str(count),
+                    "--json-out", str(profiled)])
+        measured = json.loads(profiled.read_text())
+        result["profile_s_per_step"], result["top_ops"] = measured["profile_s_per_step"], measured["top_ops"]
     return result
 
 
@@ -135,13 +152,16 @@ def main() -> None:
     parser.add_argument("--json-out")
     parser.add_argument("--slimtune-args", default="", help="extra runner flags for every slimtune config, e.g. '--packing'")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: one epoch of --examples)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-configuration profile runs")
     parser.add_argument("--quick", action="store_true", help="smoke check: 24 examples, peer-bf16 and slimtune, "
                         "no eval, 2 profiled steps")
     args = parser.parse_args()
     if args.quick:
         args.examples = min(args.examples, 24)
         args.configs = QUICK_CONFIGS if args.configs == DEFAULT_CONFIGS else args.configs
-    common = ["--profile-from", "3", "--profile-steps", "2", "--warmup-steps", "2"] if args.quick else []
+    common = ["--warmup-steps", "2"] if args.quick else []
+    # Profiled in a second process, past the first steps (and a compiled layer's compiles).
+    profile = None if args.no_profile else ((3, 2) if args.quick else (8, 3))
     if args.steps:
         common += ["--steps", str(args.steps)]
     sys.path.insert(0, str(HERE))
@@ -167,7 +187,8 @@ def main() -> None:
     for round_index in range(args.rounds):
         for name in names:
             result = run_config(name, model_dir, str(train), None if args.quick else args.eval_file,
-                                work / f"{name}-{round_index}.json", args.slimtune_args.split(), common)
+                                work / f"{name}-{round_index}.json", args.slimtune_args.split(), common,
+                                profile if round_index == 0 else None)
             runs[name].append(result)
             eval_loss = f"{result['eval_loss']:.4f}" if result.get("eval_loss") is not None else "-"
             print(f"  round {round_index + 1} {name}: {result['tokens_per_s']:.0f} tok/s over the run, "

@@ -1,5 +1,8 @@
 """The memory-lean dropout low-rank path equals plain autograd through B(A(dropout(x))) with the same mask."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -73,3 +76,51 @@ def test_masked_equals_where_bit_for_bit(dtype):
     assert got.dtype == dtype
     int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     assert torch.equal(got.view(int_dtype), want.view(int_dtype))
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiled_path_draws_a_mask_per_call_and_differentiates_through_it(checkpointed):
+    """Inside torch.compile (train.compile) the masks come from an operator opaque to the compiler.
+    With A = B = I the output is c (m * x), so each call's mask can be read back from its output; the
+    gradients must then equal autograd through the plain formula with those masks (also when activation
+    checkpointing recomputes the forward in backward), and three calls on one x (q, k and v's adapters)
+    must draw three different masks."""
+    torch.manual_seed(0)
+    d, n_calls = 16, 3
+    x0 = torch.randn(8, 40, d) + 3.0  # no zeros: a zero output means a dropped element
+    eye = torch.eye(d)
+    weights = torch.randn(n_calls)
+
+    def adapters(x, a_list, b_list):
+        return [dropped_low_rank(x, a, b, P, SCALE) for a, b in zip(a_list, b_list)]
+
+    def run(x, a_list, b_list):
+        if checkpointed:
+            return torch.utils.checkpoint.checkpoint(adapters, x, a_list, b_list, use_reentrant=False)
+        return adapters(x, a_list, b_list)
+
+    compiled = torch.compile(run, dynamic=True)
+    x = x0.clone().requires_grad_()
+    a_list = [eye.clone().requires_grad_() for _ in range(n_calls)]
+    b_list = [eye.clone().requires_grad_() for _ in range(n_calls)]
+    outs = compiled(x, a_list, b_list)
+    sum(w * (o * torch.arange(o.numel()).view(o.shape)).sum() for w, o in zip(weights, outs)).backward()
+
+    c = SCALE / (1 - P)
+    masks = [(o.detach() != 0).float() for o in outs]
+    for mask, out in zip(masks, outs):
+        kept = mask.mean().item()
+        assert abs(kept - (1 - P)) < 0.05, f"kept fraction {kept:.3f}, expected {1 - P}"
+        assert torch.allclose(out.detach(), c * mask * x0, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2]), "one mask per call"
+
+    xr = x0.clone().requires_grad_()
+    ar = [eye.clone().requires_grad_() for _ in range(n_calls)]
+    br = [eye.clone().requires_grad_() for _ in range(n_calls)]
+    refs = [((m * xr) @ a.t() @ b.t()) * c for m, a, b in zip(masks, ar, br)]
+    sum(w * (o * torch.arange(o.numel()).view(o.shape)).sum() for w, o in zip(weights, refs)).backward()
+    for name, got, want in [("dx", x.grad, xr.grad), *[(f"dA{i}", a.grad, r.grad) for i, (a, r) in enumerate(zip(a_list, ar))],
+                            *[(f"dB{i}", b.grad, r.grad) for i, (b, r) in enumerate(zip(b_list, br))]]:
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-3), f"{name} does not follow the masks of the forward"

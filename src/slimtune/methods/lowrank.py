@@ -19,6 +19,7 @@ own dtype. Under autocast the products run in the autocast dtype, as `nn.Linear`
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -26,6 +27,20 @@ def draw_mask_seed() -> int:
     """A seed for one mask, from torch's default (CPU) generator: `torch.manual_seed` makes the masks
     reproducible, checkpoint recomputation restores that generator, and nothing waits on a GPU."""
     return int(torch.randint(0, 2**62, (1,)))
+
+
+def random_bits(count: int, device: torch.device, seed: int) -> torch.Tensor:
+    """`count` random int64 words, a function of `seed` alone.
+
+    On CPU from numpy's SFC64 generator: torch's CPU generator (a Mersenne twister) fills a tensor on
+    one thread at ~3.5 ns a word, SFC64 at ~1.5 ns; ~240 masks a step made torch's draws a tenth of a
+    LoRA step on the bundled model. Elsewhere torch's generator on the device (no copy to the device).
+    """
+    if device.type == "cpu":
+        return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, device=device, generator=generator)
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device, seed: int) -> torch.Tensor:
@@ -38,10 +53,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, seed: int) -> t
     One 64-bit random draw yields four 16-bit uniforms.
     """
     count = shape.numel()
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    bits = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device,
-                         generator=generator)
+    bits = random_bits((count + 3) // 4, device, seed)
     # u uniform on [-16384, 16383] (15 bits). Keep iff u >= t with t = -16384 + round(32768 p): then
     # (t - 1) - u is negative, and it stays inside int16, so an arithmetic shift by 15 turns its sign
     # into -1 (keep) or 0 (drop).
@@ -100,9 +112,29 @@ def dropped_low_rank(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_a.dtype
     with torch.autocast(device, enabled=False):
         if torch.compiler.is_compiling():
-            # Inside a compiled decoder layer (train.compile): plain operations the compiler fuses (the
-            # mask draw, the 1/(1-p) scale and the cast become one kernel); the seed-and-redraw function
-            # above reads its seed as a Python number, which would split the compiled graph.
-            dropped = torch.nn.functional.dropout(x, p, training=True).to(dtype)
-            return ((dropped @ lora_a.to(dtype).t()) * scale) @ lora_b.to(dtype).t()
+            # Inside a compiled decoder layer (train.compile): the mask comes from an operator opaque to
+            # the compiler (below) and the rest are plain operations it fuses (the mask applied, the cast
+            # and the scale). `F.dropout` here would draw its mask inside the compiled kernel, where
+            # inductor's CPU code runs a counter-based generator per element: ~8 ms a layer on the
+            # bundled model, more than the layer's matmuls. The graph keeps the int16 mask for backward
+            # instead of redrawing it; the seed-and-redraw function would split the graph.
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
+            keep = _keep_mask_op(x, p, seed)
+            dropped = (x * keep.neg().to(x.dtype)).to(dtype)
+            return ((dropped @ lora_a.to(dtype).t()) * (scale / (1.0 - p))) @ lora_b.to(dtype).t()
         return _DroppedLowRank.apply(x, lora_a, lora_b, p, scale, dtype)
+
+
+# The seed is an input drawn in the graph, so the operator is a pure function of its arguments: the
+# compiler gives every call its own draw (q, k and v's adapters read the same x), and activation
+# checkpointing's recomputation replays the draw. (Tagged as a random operator that drew its own seed,
+# the compiled training graph ran every call from one saved generator state: q, k and v got one mask.)
+@torch.library.custom_op("slimtune::keep_mask", mutates_args=())
+def _keep_mask_op(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """`keep_mask` for x's shape: int16, -1 kept, 0 dropped; `seed` a CPU int64 scalar."""
+    return keep_mask(x.shape, p, x.device, int(seed))
+
+
+@_keep_mask_op.register_fake
+def _(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.int16, device=x.device)
