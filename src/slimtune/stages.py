@@ -92,6 +92,14 @@ class CheckedRun:
     distributed: str = "single"  # single | ddp | fsdp (train.distributed resolved for this many processes)
 
 
+def run_tokens_per_process(checked: CheckedRun) -> int:
+    """About how many tokens each process trains in the run: steps x its examples per step x the mean
+    example length (what `train.compile: auto` weighs against the compile time)."""
+    train = checked.cfg.train
+    mean_length = checked.train_set.num_tokens / max(len(checked.train_set), 1)
+    return round(checked.steps * train.batch_size * train.grad_accum * mean_length)
+
+
 @dataclass
 class BuiltRun:
     checked: CheckedRun
@@ -375,7 +383,7 @@ def finetune(cfg: Config, console: Console | None = None,
                 (cfg.output / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
         with training_mode(built.model, cfg.train, console), built.attached.training_patches(), \
                 compiled_layers(built.model, cfg.train.compile, checked.device, checked.steps, checked.distributed,
-                                console):
+                                console, tokens=run_tokens_per_process(checked)):
             summary = run_training(
                 built.model, built.attached, train_set, cfg.train, checked.tokenizer.pad_token_id,
                 cfg.output / "metrics.jsonl", console, device=checked.device, precision=built.precision,

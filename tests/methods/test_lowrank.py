@@ -124,3 +124,12 @@ def test_compiled_path_draws_a_mask_per_call_and_differentiates_through_it(check
     for name, got, want in [("dx", x.grad, xr.grad), *[(f"dA{i}", a.grad, r.grad) for i, (a, r) in enumerate(zip(a_list, ar))],
                             *[(f"dB{i}", b.grad, r.grad) for i, (b, r) in enumerate(zip(b_list, br))]]:
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-3), f"{name} does not follow the masks of the forward"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.97])
+def test_bool_mask_is_the_same_draw(p):
+    """The compiled path's bool mask keeps exactly what the eager path's int16 mask keeps."""
+    from slimtune.methods.lowrank import keep_mask_bool
+
+    shape = torch.Size([37, 129])
+    assert torch.equal(keep_mask_bool(shape, p, torch.device("cpu"), 5), keep_mask(shape, p, torch.device("cpu"), 5) != 0)

@@ -84,7 +84,11 @@ def test_missing_compiler_is_a_config_problem(tiny_model_dir, data_file, tmp_pat
 
 
 def test_auto_decision():
-    assert not compile_module.auto_decision(torch.device("cpu"), 10_000, "single")[0]
+    enough = compile_module.AUTO_MIN_TOKENS_CPU
+    assert not compile_module.auto_decision(torch.device("cpu"), 10_000, "single")[0], "tokens unknown: eager"
+    assert not compile_module.auto_decision(torch.device("cpu"), 10_000, "single", enough - 1)[0]
+    assert compile_module.auto_decision(torch.device("cpu"), 10, "single", enough)[0]
+    assert not compile_module.auto_decision(torch.device("cpu"), 10, "fsdp", enough)[0]
     assert not compile_module.auto_decision(torch.device("cuda"), 10, "single")[0]
     assert compile_module.auto_decision(torch.device("cuda"), 10_000, "ddp")[0]
     assert not compile_module.auto_decision(torch.device("cuda"), 10_000, "fsdp")[0]
