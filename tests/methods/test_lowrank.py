@@ -16,8 +16,17 @@ def _reference(x, a, b):
     return (torch.where(keep_mask(x.shape, P, x.device, draw_mask_seed()) != 0, x, 0) @ a.t() @ b.t()) * (SCALE / (1 - P))
 
 
+@pytest.fixture(params=["redrawn", "kept"])
+def mask_mode(request, monkeypatch):
+    """Both ways backward gets the mask: redrawn from its seed, or kept from forward (small masks)."""
+    import slimtune.methods.lowrank as lowrank
+
+    monkeypatch.setattr(lowrank, "KEEP_MASK_ELEMENTS", 0 if request.param == "redrawn" else 2**30)
+    return request.param
+
+
 @pytest.mark.parametrize("autocast", [False, True])
-def test_matches_autograd_with_the_same_mask(autocast):
+def test_matches_autograd_with_the_same_mask(autocast, mask_mode):
     torch.manual_seed(0)
     x0 = torch.randn(3, 10, 32, dtype=torch.bfloat16 if autocast else torch.float32)
     a0, b0, g = torch.randn(4, 32), torch.randn(24, 4), torch.randn(3, 10, 24)
@@ -36,15 +45,18 @@ def test_matches_autograd_with_the_same_mask(autocast):
     assert results[1][2].dtype == torch.float32, "A's gradient comes back in A's dtype"
 
 
-def test_keeps_x_itself_not_a_dropped_copy_or_a_mask():
+def test_keeps_x_itself_not_a_dropped_copy_and_a_mask_only_when_small(mask_mode):
     x = torch.randn(5, 64, requires_grad=True)
     a, b = torch.randn(4, 64, requires_grad=True), torch.randn(8, 4, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         dropped_low_rank(x, a, b, P, SCALE)
     full = [t for t in saved if t.shape == x.shape]
-    assert len(full) == 1, f"only x is kept at full size, got {[t.dtype for t in full]}"
     assert full[0].data_ptr() == x.data_ptr(), "x itself is kept, so adapters sharing x share it"
+    if mask_mode == "redrawn":
+        assert len(full) == 1, f"only x is kept at full size, got {[t.dtype for t in full]}"
+    else:
+        assert [t.dtype for t in full[1:]] == [torch.int8], "besides x, one byte-per-element mask"
 
 
 def test_mask_depends_on_the_seed_alone():
