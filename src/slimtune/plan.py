@@ -23,10 +23,13 @@ trains (CPU RSS or GPU memory), for the run's own settings:
   head. slimtune's attention keeps no (seq x seq) probabilities (flash-style), so nothing is quadratic
   in the length. DoRA also keeps each adapted layer's output (a * sum of their out_features). Only layers
   at or after the first one with a trainable parameter save anything (freeze of the last layers).
+  LoRA-style dropout keeps each adapter's mask, a byte per input element, where it has at most
+  `KEEP_MASK_ELEMENTS` elements (larger ones are redrawn in backward).
   A checkpointed layer keeps only its input (a * h) and recomputes one layer at a time in backward.
   Methods whose fp32 base tensors train under autocast also keep a 16-bit copy of each such weight.
 - Loss: the LM head runs on labelled positions only, `train.loss_chunk` rows at a time: one (chunk x
-  vocab) block of 16-bit logits, its fp32 copy and the fp32 softmax.
+  vocab) block of 16-bit logits, its fp32 copy and the fp32 softmax; plus dL/dlogits (labelled rows x
+  vocab, a bytes each) when that fits in `KEEP_GRAD_BYTES`.
 
 The constants that are measurements, not arithmetic (the runtime's own RSS, the CPU heap's overhead,
 slimtune's step efficiency) are named below with the command that measured them; `bench/plan_check.py`
@@ -45,6 +48,8 @@ import torch
 from torch import nn
 
 from slimtune.errors import ConfigError
+from slimtune.methods.lowrank import KEEP_MASK_ELEMENTS
+from slimtune.train.chunked_ce import KEEP_GRAD_BYTES
 
 # -- measured here (2-core AMD EPYC VM, torch 2.13 CPU; `python bench/plan_check.py`) -----------------
 # RSS of the training process before the model loads: Python, torch, transformers, tokenizer, data
@@ -136,6 +141,7 @@ class Counts:
     trained_linear: int        # trainable weights of linear layers (16-bit copies under autocast)
     trained_base: int          # trainable parameters that are base tensors (not adapter matrices)
     adapted_out_features: int  # per layer on average: sum of out_features of adapted linear layers
+    dropout_in_features: tuple[int, ...]  # in_features of every adapted linear layer with input dropout
     grad_layers: int           # decoder layers at or after the first with a trainable parameter
     largest_linear: int        # parameters of the largest quantizable linear (dequantization scratch)
 
@@ -158,10 +164,13 @@ def count(model: nn.Module, quantized: bool) -> Counts:
     adapter_ids: set[int] = set()
     linear_of: dict[int, nn.Linear] = {}
     adapted_out = 0
+    dropout_in: list[int] = []
     for module in model.modules():
         base_layer = getattr(module, "base_layer", None)
         if isinstance(base_layer, nn.Linear):  # an adapter around a linear layer (PEFT's convention too)
             adapted_out += base_layer.out_features
+            if isinstance(getattr(module, "dropout", None), float) and module.dropout > 0:
+                dropout_in.append(base_layer.in_features)
             adapter_ids |= {id(p) for n, p in module.named_parameters() if not n.startswith("base_layer.")}
         if isinstance(module, nn.Linear) and module is not head:
             linear_of[id(module.weight)] = module
@@ -190,6 +199,7 @@ def count(model: nn.Module, quantized: bool) -> Counts:
         linear_weights=linear_weights,
         embeddings=embeddings, lookup_only=lookup_only, other_frozen=frozen - quantizable - embeddings, trained_linear=trained_linear,
         trained_base=trained_base, adapted_out_features=adapted_out // max(len(layers), 1),
+        dropout_in_features=tuple(dropout_in),
         grad_layers=len(layers) - first,
         largest_linear=max((p.numel() for p in frozen_linear), default=0) if quantized else 0)
 
@@ -273,6 +283,9 @@ def estimate(method: str, plugin, counts: Counts, shape: Shape, settings: Settin
         lines.append(Line("16-bit weight copies", counts.trained_linear * 2,
                           "autocast's bf16 copies of the trained fp32 weights, kept for backward"))
     per_layer = shape.layer_bytes_per_token(abytes) + abytes * counts.adapted_out_features * plugin.saves_layer_outputs
+    # LoRA dropout keeps a small mask (a byte per input element) instead of redrawing it (methods/lowrank.py).
+    kept_masks = sum(f for f in counts.dropout_in_features if tokens * f <= KEEP_MASK_ELEMENTS)
+    per_layer += kept_masks // max(shape.layers, 1)
     grad_layers = counts.grad_layers
     checkpointed = round(settings.checkpoint_fraction * grad_layers) if settings.grad_checkpointing else 0
     if checkpointed:
@@ -285,6 +298,10 @@ def estimate(method: str, plugin, counts: Counts, shape: Shape, settings: Settin
     rows = min(settings.loss_chunk, max(settings.label_tokens, 1))
     loss_chunk = rows * shape.vocab * (abytes + 8)
     lines.append(Line("loss chunk", loss_chunk, f"{rows} rows x {shape.vocab:,} vocab"))
+    kept_grad = max(settings.label_tokens, 1) * shape.vocab * abytes
+    if kept_grad <= KEEP_GRAD_BYTES:  # dL/dlogits kept from forward when small (train/chunked_ce.py)
+        loss_chunk += kept_grad
+        lines.append(Line("loss gradient", kept_grad, f"{settings.label_tokens} rows x {shape.vocab:,} vocab, kept"))
     if quantized:
         lines.append(Line("dequantization scratch", counts.largest_linear * abytes, "one linear weight at a time"))
         if on_cpu:
