@@ -133,16 +133,19 @@ def dropped_low_rank(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_a.dtype
     with torch.autocast(device, enabled=False):
         if torch.compiler.is_compiling():
-            # Inside a compiled decoder layer (train.compile): the mask comes from an operator opaque to
-            # the compiler (below) and the rest are plain operations it fuses (the mask applied, the cast
-            # and the scale). `F.dropout` here would draw its mask inside the compiled kernel, where
-            # inductor's CPU code runs a counter-based generator per element: ~7 ms a layer on the
-            # bundled model, more than the layer's matmuls. The graph keeps the mask (bool, a byte per
-            # element) for backward instead of redrawing it; the seed-and-redraw function would split the
-            # graph.
-            seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
-            dropped = (x * _keep_mask_op(x, p, seed)).to(dtype)
-            return ((dropped @ lora_a.to(dtype).t()) * (scale / (1.0 - p))) @ lora_b.to(dtype).t()
+            # Inside a compiled decoder layer (train.compile): plain operations the compiler fuses (the
+            # mask applied, the cast and the scale); the seed-and-redraw function above would split the
+            # graph. On CPU the mask comes from an operator opaque to the compiler (below): `F.dropout`
+            # draws it inside the compiled kernel, where inductor's CPU code runs a counter-based
+            # generator per element, ~7 ms a layer on the bundled model, more than the layer's matmuls.
+            # The graph keeps that mask (bool, a byte per element) for backward. On a GPU inductor's
+            # own generator is left to draw it (not measured here: no GPU).
+            if x.device.type == "cpu":
+                seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
+                dropped, factor = (x * _keep_mask_op(x, p, seed)).to(dtype), scale / (1.0 - p)
+            else:  # F.dropout scales by 1 / (1 - p) itself
+                dropped, factor = torch.nn.functional.dropout(x, p, training=True).to(dtype), scale
+            return ((dropped @ lora_a.to(dtype).t()) * factor) @ lora_b.to(dtype).t()
         return _DroppedLowRank.apply(x, lora_a, lora_b, p, scale, dtype)
 
 
