@@ -84,3 +84,30 @@ def test_padded_batch_equals_one_by_one(tiny_tokenizer, multiple):
     assert abs(loss - loss_ref) < 1e-4 * max(1.0, abs(loss_ref)), f"padded loss {loss} != one-by-one {loss_ref}"
     for name, grad in grads.items():
         assert (grad - grads_ref[name]).abs().max().item() < 1e-5, f"gradient of {name} differs"
+
+
+def test_soft_capped_attention_keeps_the_models_own_function():
+    """A model whose attention soft-caps its logits (Gemma 2) keeps its own attention: SDPA and the
+    packed function cannot compute it (transformers' SDPA raises). Logits under slimtune's attention
+    setup equal the model's own, and packing falls back to padded batches with a note that says why."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from rich.console import Console
+    from slimtune.config import build_config
+    from slimtune.train.prepare import slimtune_attention
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=0.5,
+                          final_logit_softcapping=None, sliding_window=16, attn_implementation="eager")
+    model = Gemma2ForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    settings = build_config({"model": "-", "data": {"train": "-"}, "train": {"packing": True}}).train
+    console = Console(record=True, width=200)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with slimtune_attention(model, settings, console) as packing:
+            got = model(input_ids=ids).logits
+    assert not packing
+    assert torch.equal(got, want)
+    assert "attn_logit_softcapping=0.5" in console.export_text()

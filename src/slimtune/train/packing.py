@@ -122,11 +122,24 @@ def _packed_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+def own_attention_reason(config) -> str | None:
+    """Why a model must keep its own attention function (its maths is more than scaled-dot-product
+    attention, which neither SDPA nor the packed function computes), or None."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return f"attention logit soft-capping (attn_logit_softcapping={text.attn_logit_softcapping})"
+    return None
+
+
 def use_packed_attention(model: nn.Module) -> bool:
-    """Switch `model` to the packed attention function. Returns False if the model cannot use it
-    (an architecture outside transformers' attention interface); the caller then pads instead."""
+    """Switch `model` to the packed attention function. Returns False if the model cannot use it (an
+    architecture outside transformers' attention interface, or attention maths SDPA does not compute:
+    `own_attention_reason`); the model then keeps its own attention and the caller pads instead."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+
+    if own_attention_reason(model.config) is not None:
+        return False
 
     AttentionInterface.register(ATTENTION_NAME, packed_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, _packed_mask)

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from slimtune.config import TrainSettings
-from slimtune.train.packing import set_cpu_attention_maths, use_packed_attention
+from slimtune.train.packing import own_attention_reason, set_cpu_attention_maths, use_packed_attention
 from slimtune.train.tuning import cpu_attention_maths
 
 
@@ -47,7 +47,9 @@ def slimtune_attention(model: torch.nn.Module, settings: TrainSettings, console:
     previous = getattr(model.config, "_attn_implementation", None)
     packing = use_packed_attention(model) and settings.packing
     if settings.packing and not packing:
-        console.print("note: this architecture cannot use packed attention; training with padded batches")
+        reason = own_attention_reason(model.config)
+        console.print(f"note: this architecture cannot use packed attention{f' ({reason})' if reason else ''}; "
+                      "training with padded batches")
     maths = cpu_attention_maths(settings.attention_precision, attention_length) if _bf16_on_cpu(model) else "fp32"
     previous_maths = set_cpu_attention_maths(maths)
     try:
