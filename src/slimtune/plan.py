@@ -23,13 +23,13 @@ trains (CPU RSS or GPU memory), for the run's own settings:
   head. slimtune's attention keeps no (seq x seq) probabilities (flash-style), so nothing is quadratic
   in the length. DoRA also keeps each adapted layer's output (a * sum of their out_features). Only layers
   at or after the first one with a trainable parameter save anything (freeze of the last layers).
-  LoRA-style dropout keeps each adapter's mask, a byte per input element, where it has at most
-  `KEEP_MASK_ELEMENTS` elements (larger ones are redrawn in backward).
+  LoRA-style dropout keeps each adapter's mask, a byte per input element, where it has at
+  most `lowrank.KEEP_MASK_ELEMENTS` elements (larger ones are redrawn in backward).
   A checkpointed layer keeps only its input (a * h) and recomputes one layer at a time in backward.
   Methods whose fp32 base tensors train under autocast also keep a 16-bit copy of each such weight.
 - Loss: the LM head runs on labelled positions only, `train.loss_chunk` rows at a time: one (chunk x
   vocab) block of 16-bit logits, its fp32 copy and the fp32 softmax; plus dL/dlogits (labelled rows x
-  vocab, a bytes each) when that fits in `KEEP_GRAD_BYTES`.
+  vocab, a bytes each) when that fits in `chunked_ce.KEEP_GRAD_BYTES`.
 
 The constants that are measurements, not arithmetic (the runtime's own RSS, the CPU heap's overhead,
 slimtune's step efficiency) are named below with the command that measured them; `bench/plan_check.py`
@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from slimtune.errors import ConfigError
-from slimtune.methods.lowrank import KEEP_MASK_ELEMENTS
-from slimtune.train.chunked_ce import KEEP_GRAD_BYTES
+from slimtune.methods.lowrank import keeps_mask
+from slimtune.train.chunked_ce import keeps_grad
 
 # -- measured here (2-core AMD EPYC VM, torch 2.13 CPU; `python bench/plan_check.py`) -----------------
 # RSS of the training process before the model loads: Python, torch, transformers, tokenizer, data
@@ -284,7 +284,7 @@ def estimate(method: str, plugin, counts: Counts, shape: Shape, settings: Settin
                           "autocast's bf16 copies of the trained fp32 weights, kept for backward"))
     per_layer = shape.layer_bytes_per_token(abytes) + abytes * counts.adapted_out_features * plugin.saves_layer_outputs
     # LoRA dropout keeps a small mask (a byte per input element) instead of redrawing it (methods/lowrank.py).
-    kept_masks = sum(f for f in counts.dropout_in_features if tokens * f <= KEEP_MASK_ELEMENTS)
+    kept_masks = sum(f for f in counts.dropout_in_features if keeps_mask(tokens * f))
     per_layer += kept_masks // max(shape.layers, 1)
     grad_layers = counts.grad_layers
     checkpointed = round(settings.checkpoint_fraction * grad_layers) if settings.grad_checkpointing else 0
@@ -298,8 +298,9 @@ def estimate(method: str, plugin, counts: Counts, shape: Shape, settings: Settin
     rows = min(settings.loss_chunk, max(settings.label_tokens, 1))
     loss_chunk = rows * shape.vocab * (abytes + 8)
     lines.append(Line("loss chunk", loss_chunk, f"{rows} rows x {shape.vocab:,} vocab"))
-    kept_grad = max(settings.label_tokens, 1) * shape.vocab * abytes
-    if kept_grad <= KEEP_GRAD_BYTES:  # dL/dlogits kept from forward when small (train/chunked_ce.py)
+    label_rows = max(settings.label_tokens, 1)
+    if keeps_grad(label_rows, shape.vocab, abytes):  # dL/dlogits kept from forward (train/chunked_ce.py)
+        kept_grad = label_rows * shape.vocab * abytes
         loss_chunk += kept_grad
         lines.append(Line("loss gradient", kept_grad, f"{settings.label_tokens} rows x {shape.vocab:,} vocab, kept"))
     if quantized:

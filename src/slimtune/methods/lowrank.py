@@ -56,19 +56,23 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, seed: int) -> t
     """
     count = shape.numel()
     bits = _uniform16(count, device, seed).view(shape)
-    # u uniform on [-16384, 16383] (15 bits). Keep iff u >= t with t = -16384 + round(32768 p): then
+    # u uniform on [-16384, 16383] (15 bits). Keep iff u >= t (`_keep_threshold`): then
     # (t - 1) - u is negative, and it stays inside int16, so an arithmetic shift by 15 turns its sign
     # into -1 (keep) or 0 (drop).
-    threshold = -16384 + round(p * 32768)
     uniform = bits >> 1
-    return uniform.neg_().add_(threshold - 1).bitwise_right_shift_(15)
+    return uniform.neg_().add_(_keep_threshold(p) - 1).bitwise_right_shift_(15)
 
 
 def keep_mask_bool(shape: torch.Size, p: float, device: torch.device, seed: int) -> torch.Tensor:
     """`keep_mask(shape, p, device, seed) != 0` as a bool tensor (half its bytes, for a mask that is kept
     rather than redrawn), from one comparison: bits >> 1 >= t exactly when bits >= 2 t."""
     bits = _uniform16(shape.numel(), device, seed).view(shape)
-    return bits >= 2 * (-16384 + round(p * 32768))
+    return bits >= 2 * _keep_threshold(p)
+
+
+def _keep_threshold(p: float) -> int:
+    """t such that a 15-bit uniform u on [-16384, 16383] is kept iff u >= t (probability 1 - p)."""
+    return -16384 + round(p * 32768)
 
 
 def _uniform16(count: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -90,6 +94,11 @@ def masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 KEEP_MASK_ELEMENTS = 2**19
 
 
+def keeps_mask(elements: int) -> bool:
+    """Whether a mask of this many elements is kept for backward (else redrawn from its seed)."""
+    return elements <= KEEP_MASK_ELEMENTS
+
+
 class _DroppedLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, p: float, scale: float,
@@ -101,7 +110,7 @@ class _DroppedLowRank(torch.autograd.Function):
         # The scale goes onto the rank-r activations, the smallest tensor on the path.
         h = (masked(x, mask).to(dtype) @ a.t()) * ctx.scale  # c (m * x) A^T, (..., r)
         # int8 -1 / 0: `masked` widens it with its sign, as it does the int16 mask for wider dtypes.
-        kept = mask.to(torch.int8) if mask.numel() <= KEEP_MASK_ELEMENTS else None
+        kept = mask.to(torch.int8) if keeps_mask(mask.numel()) else None
         ctx.save_for_backward(x, h, a, b, kept)
         ctx.dtype, ctx.param_dtypes = dtype, (lora_a.dtype, lora_b.dtype)
         return h @ b.t()

@@ -22,6 +22,11 @@ import torch
 KEEP_GRAD_BYTES = 64 * 2**20
 
 
+def keeps_grad(rows: int, vocab: int, element_size: int, limit: int = KEEP_GRAD_BYTES) -> bool:
+    """Whether dL/dz of `rows` x `vocab` elements of `element_size` bytes is kept from forward."""
+    return rows * vocab * element_size <= limit
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, computed in chunks."""
 
@@ -29,7 +34,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 compute_dtype: torch.dtype, keep_grad_bytes: int) -> torch.Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
-        keep = n * vocab * torch.finfo(compute_dtype).bits // 8 <= keep_grad_bytes
+        keep = keeps_grad(n, vocab, torch.finfo(compute_dtype).bits // 8, keep_grad_bytes)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_logits = torch.empty((n, vocab), dtype=compute_dtype, device=hidden.device) if keep else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
