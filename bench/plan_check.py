@@ -91,11 +91,12 @@ tokenizer.save_pretrained("{path}")
     return path
 
 
-def config_for(model: str, method: str, train: Path, out: Path, steps: int, batch: int) -> dict:
+def config_for(model: str, method: str, train: Path, out: Path, steps: int, batch: int,
+               checkpointing: bool = False) -> dict:
     return {"model": model, "method": method, "output": str(out), "overwrite": True,
             "data": {"train": str(train), "max_length": 256},
             "train": {"max_steps": steps, "batch_size": batch, "save_every": None, "log_every": 1,
-                      "warmup_ratio": 0.0}}
+                      "warmup_ratio": 0.0, "grad_checkpointing": checkpointing}}
 
 
 def main() -> None:
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--llama", choices=sorted(LLAMA), help="a random Llama-shaped model instead of the bundled one")
     parser.add_argument("--steps", type=int, default=2, help="2 suffice: the optimizer states exist from step 2 on")
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--grad-checkpointing", action="store_true", help="train.grad_checkpointing=true")
     parser.add_argument("--json-out")
     args = parser.parse_args()
 
@@ -127,7 +129,7 @@ def main() -> None:
           f"{CPU_RUNTIME_BYTES / 2**20:.0f} MiB) | peak by the end of the load | tokens/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for method in args.methods.split(","):
-        data = config_for(model, method, train, work / method, args.steps, args.batch_size)
+        data = config_for(model, method, train, work / method, args.steps, args.batch_size, args.grad_checkpointing)
         cfg = build_config(data)
         checked = check_run(cfg, Console(quiet=True))
         plan = make_plan(cfg, None, checked.device.type, checked.train_set, measure_time=False)

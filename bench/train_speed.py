@@ -54,6 +54,8 @@ CONFIGS: dict[str, list[str]] = {
     "slimtune-ckpt": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing"],
     "slimtune-ckpt-half": [str(HERE / "slimtune_runner.py"), "--grad-checkpointing", "--checkpoint-fraction", "0.5"],
     "slimtune-glibc-mmap": [str(HERE / "slimtune_runner.py"), "--mmap-threshold-mb", "0"],
+    "slimtune-mmap-1mb": [str(HERE / "slimtune_runner.py"), "--mmap-threshold-mb", "1"],
+    "slimtune-mmap-256kb": [str(HERE / "slimtune_runner.py"), "--mmap-threshold-mb", "0.25"],
     "slimtune-trim": [str(HERE / "slimtune_runner.py"), "--trim-memory"],
     "slimtune-8bit-adam": [str(HERE / "slimtune_runner.py"), "--optimizer", "adamw8bit"],
     "slimtune-dora": [str(HERE / "slimtune_runner.py"), "--method", "dora"],

@@ -121,11 +121,13 @@ def test_saved_activations_match_the_per_layer_model(tiny_model_dir):
         predicted = estimate(method, cfg.plugin, count(model, False), Shape.of(model), settings, False).line("activations")
         assert predicted == pytest.approx(saved, rel=0.10), f"{method}: predicted {predicted} B, autograd kept {saved} B"
 
-MEASURE = '''
+# Runs 2 LoRA steps of the config in argv[1] in a fresh process and prints what it measured.
+TRAIN = """
 from pathlib import Path
 Path("/proc/self/clear_refs").write_text("5")
 import json, sys
 from contextlib import ExitStack
+import torch
 from rich.console import Console
 from slimtune.config import build_config
 from slimtune.stages import build_run, check_run
@@ -143,12 +145,32 @@ checked = check_run(cfg, console)
 before = rss("VmRSS")
 with ExitStack() as stack:
     built = build_run(checked, console, stack)
+    if sys.argv[2] == "live":
+        # Every CPU allocation and free of the training steps, in order (torch's profiler).
+        profiler = stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                              profile_memory=True))
     with training_mode(built.model, cfg.train, console):
         run_training(built.model, built.attached, checked.train_set, cfg.train, checked.tokenizer.pad_token_id,
                      cfg.output / "metrics.jsonl", console, device=checked.device, precision=built.precision,
                      packing=built.packing, checkpoint_dir=cfg.output / "checkpoints", runtime=built.runtime)
-print(json.dumps({"growth": rss("VmHWM") - before}))
-'''
+if sys.argv[2] == "rss":
+    print(json.dumps({"growth": rss("VmHWM") - before}))
+else:
+    from torch._C._profiler import _EventType
+    sizes = []
+    def walk(node):
+        if node.typed[0] == _EventType.Allocation:
+            sizes.append((node.start_time_ns, node.typed[1].alloc_size))  # negative: a free
+        for child in node.children:
+            walk(child)
+    for root in profiler.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    print(json.dumps({"peak_live": peak}))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -166,23 +188,18 @@ def wide_model_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("checkpointing, tolerance", [(False, 0.30), (True, 0.40)])
-def test_predicted_growth_matches_measured_rss(wide_model_dir, tmp_path, checkpointing, tolerance):
-    """Peak RSS of 2 LoRA steps in a fresh process, above its RSS before the build, against the plan's
-    peak without the runtime line. The measured growth of this small model moves from run to run on the
-    shared 2-core VM (306 and 343 MiB for the same test), so the tolerance is wide: 30% without
-    checkpointing (measured -13% and -22%); with it the plan is known to run low (-28%: the recomputed
-    layer's backward temporaries and the heap's holes around them are not modelled), so 40%."""
+def _measure_two_steps(model_dir: Path, tmp_path: Path, checkpointing: bool, what: str) -> tuple[int, object]:
+    """(what the child measured, the plan's estimate) for 2 LoRA steps of batch 4 x ~430 tokens."""
     rows = [{"instruction": f"say {i}", "output": "abcdefgh" * 50} for i in range(8)]
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    data = {"model": str(wide_model_dir), "method": "lora", "output": str(tmp_path / "run"), "overwrite": True,
+    data = {"model": str(model_dir), "method": "lora", "output": str(tmp_path / "run"), "overwrite": True,
             "lora": {"targets": "all-linear"}, "data": {"train": str(train), "max_length": 512},
             "train": {"batch_size": 4, "max_steps": 2, "save_every": None, "grad_checkpointing": checkpointing}}
-    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(data)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(data), what], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+    measured = next(iter(json.loads(done.stdout.strip().splitlines()[-1]).values()))
 
     from rich.console import Console
 
@@ -191,7 +208,34 @@ def test_predicted_growth_matches_measured_rss(wide_model_dir, tmp_path, checkpo
 
     cfg = build_config(data)
     plan = make_plan(cfg, None, "cpu", check_run(cfg, Console(quiet=True)).train_set, measure_time=False)
-    est = plan.methods["lora"].estimate
+    return measured, plan.methods["lora"].estimate
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_predicted_tensors_match_the_steps_peak_of_live_tensors(wide_model_dir, tmp_path, checkpointing):
+    """The plan's tensor lines (gradients, optimizer states, activations, loss) against the peak of the
+    bytes of live CPU tensors during 2 steps, from the profiler's record of every allocation and free:
+    no heap, no libraries, so the arithmetic itself is held to 10%. Measured 122.5 vs 118.5 MiB, and
+    48.0 vs 46.6 MiB with checkpointing; before the fused backward passes formed their products in
+    place, the checkpointed peak was 58.1 MiB (the recomputed MLP's backward temporaries) and this failed."""
+    measured, est = _measure_two_steps(wide_model_dir, tmp_path, checkpointing, "live")
+    predicted = sum(est.line(name) for name in ("gradients", "optimizer states", "16-bit weight copies",
+                                                 "activations", "loss chunk", "loss gradient"))
+    print(f"checkpointing={checkpointing}: predicted {predicted / 2**20:.1f} MiB, live peak {measured / 2**20:.1f} MiB")
+    assert predicted == pytest.approx(measured, rel=0.10), f"predicted {predicted / 2**20:.1f} MiB, live peak {measured / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("checkpointing, tolerance", [(False, 0.30), (True, 0.45)])
+def test_predicted_growth_matches_measured_rss(wide_model_dir, tmp_path, checkpointing, tolerance):
+    """Peak RSS of 2 LoRA steps in a fresh process, above its RSS before the build, against the plan's
+    peak without the runtime line: the tensors (held to 10% above) plus the measured constants for the
+    libraries' workspaces and the CPU heap's holes. The growth of this small model moves from run to run
+    and between machines, so the tolerance is wide: without checkpointing measured 277-290 MiB against
+    267 predicted. With checkpointing the heap holds far more than the 45% the plan assumes for this
+    geometry (1.7-3.3 MB activation blocks; with train.mmap_threshold_mb=1 the growth falls from ~210 to
+    141 MiB), which the plan does not model: measured 203-214 MiB here, 271 MiB on CI before the fused
+    backward passes lost their extra temporaries, against 162 predicted, so 45%."""
+    measured, est = _measure_two_steps(wide_model_dir, tmp_path, checkpointing, "rss")
     predicted = est.peak - est.line("runtime")
     print(f"checkpointing={checkpointing}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert predicted == pytest.approx(measured, rel=tolerance), f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"

@@ -59,8 +59,9 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, seed: int) -> t
     # u uniform on [-16384, 16383] (15 bits). Keep iff u >= t (`_keep_threshold`): then
     # (t - 1) - u is negative, and it stays inside int16, so an arithmetic shift by 15 turns its sign
     # into -1 (keep) or 0 (drop).
-    uniform = bits >> 1
-    return uniform.neg_().add_(_keep_threshold(p) - 1).bitwise_right_shift_(15)
+    # In place: `bits` is this call's own fresh buffer, and a mask redrawn in backward is as large as
+    # the adapter's input, so each temporary of that size counts toward the step's peak.
+    return bits.bitwise_right_shift_(1).neg_().add_(_keep_threshold(p) - 1).bitwise_right_shift_(15)
 
 
 def keep_mask_bool(shape: torch.Size, p: float, device: torch.device, seed: int) -> torch.Tensor:
@@ -83,10 +84,12 @@ def _uniform16(count: int, device: torch.device, seed: int) -> torch.Tensor:
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """m * t for a `keep_mask` mask: t's bits ANDed with the mask's (dropped elements become +0.0)."""
+def masked(t: torch.Tensor, mask: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """m * t for a `keep_mask` mask: t's bits ANDed with the mask's (dropped elements become +0.0);
+    `in_place` overwrites t (a temporary of the caller's) instead of allocating the result."""
     bits = t.view(_SAME_SIZE_INT[t.element_size()])
-    return (bits & mask).view(t.dtype)  # an int16 mask widens with its sign, so -1 stays all ones
+    # An int16 mask widens with its sign, so -1 stays all ones.
+    return (bits.bitwise_and_(mask) if in_place else bits & mask).view(t.dtype)
 
 
 # Masks of up to this many elements (~900 tokens of the bundled model's 576-wide inputs; 512 KB as int8)
@@ -127,8 +130,9 @@ class _DroppedLowRank(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dropped = masked(x, mask).to(ctx.dtype).reshape(-1, x.shape[-1])
             grad_a = (grad_h.t() @ dropped).to(ctx.param_dtypes[0])
+            del dropped  # as large as x: gone before grad_x's temporaries of that size
         if ctx.needs_input_grad[0]:
-            grad_x = masked((grad_h @ a).view(x.shape).to(x.dtype), mask)
+            grad_x = masked((grad_h @ a).view(x.shape).to(x.dtype), mask, in_place=True)
         return grad_x, grad_a, grad_b, None, None, None
 
 
