@@ -146,20 +146,43 @@ def dropped_low_rank(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_a.dtype
     with torch.autocast(device, enabled=False):
         if torch.compiler.is_compiling():
-            # Inside a compiled decoder layer (train.compile): plain operations the compiler fuses (the
-            # mask applied, the cast and the scale); the seed-and-redraw function above would split the
-            # graph. On CPU the mask comes from an operator opaque to the compiler (below): `F.dropout`
+            # Inside a compiled decoder layer (train.compile): operations the compiler traces and fuses
+            # (the mask applied, the cast and the scale); the seed-and-redraw function above would split
+            # the graph. On CPU the mask comes from an operator opaque to the compiler (below): `F.dropout`
             # draws it inside the compiled kernel, where inductor's CPU code runs a counter-based
             # generator per element, ~7 ms a layer on the bundled model, more than the layer's matmuls.
-            # The graph keeps that mask (bool, a byte per element) for backward. On a GPU inductor's
-            # own generator is left to draw it (not measured here: no GPU).
+            # `_MaskedDown` keeps x and that mask (bool, a byte per element) for backward, not the masked
+            # copy of x (2 more bytes per element and adapter, which the compiler kept on its own). On
+            # a GPU inductor's own generator is left to draw it (not measured here: no GPU).
             if x.device.type == "cpu":
                 seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
-                dropped, factor = (x * _keep_mask_op(x, p, seed)).to(dtype), scale / (1.0 - p)
+                h = _MaskedDown.apply(x, _keep_mask_op(x, p, seed), lora_a.to(dtype), scale / (1.0 - p))
+                return h @ lora_b.to(dtype).t()
             else:  # F.dropout scales by 1 / (1 - p) itself
                 dropped, factor = torch.nn.functional.dropout(x, p, training=True).to(dtype), scale
             return ((dropped @ lora_a.to(dtype).t()) * factor) @ lora_b.to(dtype).t()
         return _DroppedLowRank.apply(x, lora_a, lora_b, p, scale, dtype)
+
+
+class _MaskedDown(torch.autograd.Function):
+    """c (m * x) A^T for a bool mask m, saving x and m (not the masked copy): in backward the masked
+    input is formed again for dA. Traced into compiled graphs as it is."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(x, mask, a)
+        ctx.scale = scale
+        return ((x * mask).to(a.dtype) @ a.t()) * scale
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        x, mask, a = ctx.saved_tensors
+        grad_h = grad_h * ctx.scale
+        # Spelt unlike the forward's product, so that the compiler does not merge the two and keep the copy.
+        dropped = torch.where(mask, x, 0).to(a.dtype)
+        grad_a = grad_h.reshape(-1, grad_h.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
+        grad_x = ((grad_h @ a) * mask).to(x.dtype)
+        return grad_x, None, grad_a, None
 
 
 # The seed is an input drawn in the graph, so the operator is a pure function of its arguments: the
