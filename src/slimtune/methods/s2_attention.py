@@ -78,6 +78,7 @@ class RealMask:
     length: int
     device: torch.device
     _groups: dict = field(default_factory=dict, repr=False)
+    _plain: bool | None = field(default=None, repr=False)
 
     def allowed(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         """Boolean (batch, *broadcast(q_idx, kv_idx)): may query token q see key token kv? Indices at or
@@ -96,7 +97,10 @@ class RealMask:
         """Is this exactly causal attention over whole rows (no padding, packing or window)?"""
         from transformers.masking_utils import causal_mask_function
 
-        return self.mask_function is causal_mask_function and (self.padding is None or bool(self.padding.all()))
+        if self._plain is None:  # once per forward, not per layer: `.all()` reads the whole padding mask
+            self._plain = self.mask_function is causal_mask_function and (
+                self.padding is None or bool(self.padding.all()))
+        return self._plain
 
     def dense(self) -> torch.Tensor:
         index = torch.arange(self.length, device=self.device)
