@@ -149,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--compile", default="false", choices=["auto", "true", "false"], help="train.compile")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="train.compile")
     parser.add_argument("--attention-precision", choices=["auto", "fp32", "bf16"], help="train.attention_precision")
     parser.add_argument("--threads", type=int, help="train.threads")
     parser.add_argument("--steps", type=int, help="train.max_steps (default: one epoch)")

@@ -47,6 +47,7 @@ CONFIGS: dict[str, list[str]] = {
     "slimtune": [str(HERE / "slimtune_runner.py")],
     "slimtune-fp32": [str(HERE / "slimtune_runner.py"), "--precision", "fp32"],
     "slimtune-compile": [str(HERE / "slimtune_runner.py"), "--compile", "true"],
+    "slimtune-eager": [str(HERE / "slimtune_runner.py"), "--compile", "false"],
     "slimtune-attn-bf16": [str(HERE / "slimtune_runner.py"), "--attention-precision", "bf16"],
     "slimtune-attn-fp32": [str(HERE / "slimtune_runner.py"), "--attention-precision", "fp32"],
     "slimtune-1-thread": [str(HERE / "slimtune_runner.py"), "--threads", "1"],

@@ -383,7 +383,7 @@ def finetune(cfg: Config, console: Console | None = None,
                 (cfg.output / RUN_CONFIG).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), encoding="utf-8")
         with training_mode(built.model, cfg.train, console), built.attached.training_patches(), \
                 compiled_layers(built.model, cfg.train.compile, checked.device, checked.steps, checked.distributed,
-                                console, tokens=run_tokens_per_process(checked)):
+                                console, tokens=run_tokens_per_process(checked), precision=built.precision):
             summary = run_training(
                 built.model, built.attached, train_set, cfg.train, checked.tokenizer.pad_token_id,
                 cfg.output / "metrics.jsonl", console, device=checked.device, precision=built.precision,

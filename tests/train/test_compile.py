@@ -77,7 +77,7 @@ def test_missing_compiler_is_a_config_problem(tiny_model_dir, data_file, tmp_pat
     model = torch.nn.Module()
     with compile_module.compiled_layers(model, "auto", torch.device("cuda"), 10_000, "single", console) as on:
         assert not on
-    monkeypatch.setattr(compile_module, "auto_decision", lambda *a: (True, "test"))
+    monkeypatch.setattr(compile_module, "auto_decision", lambda *a, **k: (True, "test"))
     with compile_module.compiled_layers(model, "auto", torch.device("cpu"), 10_000, "single", console) as on:
         assert not on
     assert "train.compile=auto runs eagerly" in console.export_text()
@@ -92,6 +92,54 @@ def test_auto_decision():
     assert not compile_module.auto_decision(torch.device("cuda"), 10, "single")[0]
     assert compile_module.auto_decision(torch.device("cuda"), 10_000, "ddp")[0]
     assert not compile_module.auto_decision(torch.device("cuda"), 10_000, "fsdp")[0]
+    warm = compile_module.AUTO_MIN_TOKENS_CPU_WARM
+    assert warm < enough
+    assert compile_module.auto_decision(torch.device("cpu"), 10, "single", warm, warm=True)[0]
+    assert not compile_module.auto_decision(torch.device("cpu"), 10, "single", warm - 1, warm=True)[0]
+    assert not compile_module.auto_decision(torch.device("cpu"), 10, "single", warm, warm=False)[0]
+
+
+def test_layer_signature_follows_what_the_graphs_depend_on(tiny_model_dir):
+    from slimtune.models.loader import load_model
+
+    def signature(**lora) -> str:
+        model = load_model(str(tiny_model_dir))[0]
+        cfg = build_config({"model": "-", "method": "lora", "data": {"train": "-"}, "lora": {"r": 4, **lora}})
+        cfg.plugin.attach(model, cfg, Console(quiet=True))
+        return compile_module.layer_signature(compile_module.decoder_layers(model)[-1])
+
+    assert signature(dropout=0.05) == signature(dropout=0.05)
+    assert signature(dropout=0.05) != signature(dropout=0.0), "dropout traces another graph"
+    assert signature(r=4) != signature(r=8), "another rank, other shapes"
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler (the missing-compiler path is tested below)")
+def test_a_compiled_block_makes_the_next_auto_decision_warm(tiny_model_dir, tmp_path, monkeypatch):
+    """Only a block that ran compiled graphs is recorded (in tuning.json under $SLIMTUNE_HOME), and then
+    `auto` counts the next compile of the same layers as a warm one."""
+    from slimtune.models.loader import load_model
+
+    monkeypatch.setenv("SLIMTUNE_HOME", str(tmp_path / "home"))
+    model = load_model(str(tiny_model_dir))[0]
+    cfg = build_config({"model": "-", "method": "lora", "data": {"train": "-"}, "lora": {"r": 4}})
+    cfg.plugin.attach(model, cfg, Console(quiet=True))
+    model.train()
+    signature = compile_module.layer_signature(compile_module.decoder_layers(model)[-1])
+    with compile_module.compiled_layers(model, "true", torch.device("cpu"), 10, "single", Console(quiet=True),
+                                        precision="fp32"):
+        pass  # nothing ran: nothing compiled
+    assert not compile_module.was_compiled_here(signature, "fp32")
+    console = Console(record=True, width=300)
+    tokens = compile_module.AUTO_MIN_TOKENS_CPU_WARM
+    with compile_module.compiled_layers(model, "true", torch.device("cpu"), 10, "single", console, precision="fp32"):
+        model(input_ids=torch.randint(0, 50, (2, 8)), labels=torch.randint(0, 50, (2, 8))).loss.backward()
+    assert compile_module.was_compiled_here(signature, "fp32")
+    assert not compile_module.was_compiled_here(signature, "bf16"), "another precision traces other graphs"
+    with compile_module.compiled_layers(model, "auto", torch.device("cpu"), 10, "single", console, tokens=tokens,
+                                        precision="fp32") as on:
+        assert on
+    assert "compiled here before, kernels cached" in console.export_text()
 
 
 @pytest.mark.parametrize("value, expected", [(True, "true"), (False, "false"), ("auto", "auto")])

@@ -57,17 +57,21 @@ def _read_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def measured(name: str, measure: Callable[[], dict], path: Path | None = None) -> dict:
-    """This machine's cached result `name`, or `measure()` run now and cached (a failed write only
-    means measuring again next time)."""
+def recorded(name: str, path: Path | None = None) -> dict | None:
+    """This machine's cached entry `name`, or None."""
+    data = _read_cache(path or cache_path())
+    mine = data.get(machine_key())
+    entry = mine.get(name) if isinstance(mine, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def record(name: str, entry: dict, path: Path | None = None) -> None:
+    """Store `entry` as this machine's `name` (a failed write only means measuring again next time)."""
     path = path or cache_path()
     key = machine_key()
     data = _read_cache(path)
-    entry = data.get(key, {}).get(name) if isinstance(data.get(key), dict) else None
-    if isinstance(entry, dict) and "best" in entry:
-        return entry
-    entry = measure()
-    data.setdefault(key, {}) if isinstance(data.get(key), dict) else data.__setitem__(key, {})
+    if not isinstance(data.get(key), dict):
+        data[key] = {}
     data[key][name] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +80,15 @@ def measured(name: str, measure: Callable[[], dict], path: Path | None = None) -
         os.replace(partial, path)
     except OSError:
         pass
+
+
+def measured(name: str, measure: Callable[[], dict], path: Path | None = None) -> dict:
+    """This machine's cached result `name`, or `measure()` run now and cached."""
+    entry = recorded(name, path)
+    if entry is not None and "best" in entry:
+        return entry
+    entry = measure()
+    record(name, entry, path)
     return entry
 
 
