@@ -78,27 +78,11 @@ def start_processes(device_setting: str, timeout_s: float) -> torch.device:
     return device
 
 
-# How long the last barrier waits for the other processes before the group is torn down anyway.
-FLUSH_TIMEOUT_S = 30
-
-
 def stop_processes() -> None:
-    """Leave the process group. On gloo, first one barrier that every process waits in without holding
-    the GIL: gloo's worker threads release a finished collective's tensors a moment after the collective
-    returns, and a tensor created in Python needs the GIL for that. The group's destructor joins those
-    threads while holding the GIL (it runs when the DDP module is freed), so a worker still releasing
-    the last collective (the checkpoint's gathered RNG states) waited for the GIL forever: 3 of 9 runs
-    of tests/train/test_distributed.py's stop-and-resume test hung so, on 2 cores."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        return
-    if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
-        try:  # a peer that never arrives (it failed elsewhere) only delays the teardown
-            dist.monitored_barrier(timeout=timedelta(seconds=FLUSH_TIMEOUT_S))
-        except RuntimeError:
-            pass
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class ResponseLoss(nn.Module):
