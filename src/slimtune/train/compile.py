@@ -192,9 +192,7 @@ def compiled_layers(model: nn.Module, setting: str, device: torch.device, steps:
         if not layers:
             yield False
             return
-        # Imported only here: importing torch._dynamo in every training process changed how a DDP run's
-        # process group shut down (a gloo thread left waiting; tests/train/test_distributed.py).
-        from torch._dynamo.utils import counters
+        from torch._dynamo.utils import counters  # graphs dynamo traced in this process so far
 
         graphs = counters["stats"]["unique_graphs"]
         yield True

@@ -309,12 +309,13 @@ def run_training(
                 raise TrainingInterrupted(step, stop.signal_name or "signal", saved or Path("(no checkpoint dir)"))
             if reporter.checkpoint_due(step):
                 checkpoint(step)
-    # Every process waits here without holding the GIL, which lets gloo's worker threads release the
-    # last collectives' tensors (a tensor created in Python needs the GIL for that). Otherwise a process
-    # that ends at once (any but process 0, which evaluates) could free the DDP module, whose process
-    # group's destructor joins those threads while holding the GIL: it hung so, forever, in 3 of 9 runs
-    # of tests/train/test_distributed.py's stop-and-resume test (gloo, 2 cores).
-    runtime.barrier()
+        # Every process waits here without holding the GIL, which lets gloo's worker threads release the
+        # last collectives' tensors (a tensor created in Python needs the GIL for that). Otherwise a process
+        # that ends at once (any but process 0, which evaluates) could free the DDP module, whose process
+        # group's destructor joins those threads while holding the GIL: it hung so, forever, in 3 of 9 runs
+        # of tests/train/test_distributed.py's stop-and-resume test (gloo, 2 cores). Inside the block, so
+        # that a peer gone by now is one clear error too.
+        runtime.barrier()
     if skipped:
         console.print(f"note: skipped {skipped} step(s) with non-finite loss or gradients (train.on_nan=skip)")
     seconds = previous_elapsed + time.perf_counter() - started
