@@ -33,6 +33,40 @@ def make_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2):
     return model.eval()
 
 
+def make_wide_tiny_llama():
+    """A bf16 Llama wide enough (hidden 256, MLP 768, 3 layers, GQA 8/2 heads) that its activations
+    dominate what a step keeps, in training mode without a cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.config.use_cache = False
+    return model
+
+
+def bytes_kept_for_backward(model, batch_size: int, length: int, backward: bool = False) -> int:
+    """Bytes autograd keeps for backward (`saved_tensors_hooks`, one count per storage, the parameters'
+    own left out) in one bf16-autocast response-loss forward of `model` on random ids; `backward` then
+    runs its backward too (a compiled layer's backward graph is traced there)."""
+    from slimtune.train.loss import response_loss_sum
+
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, length))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = response_loss_sum(model, batch, chunk=10**6)
+    if backward:
+        loss.backward()
+    return sum(n for ptr, n in storages.items() if ptr not in weights)
+
+
 def write_repeat_data(path: Path, count: int) -> Path:
     """`count` Alpaca rows "repeat i" -> "wordi " repeated 1-3 times, as JSONL at `path`."""
     rows = [{"instruction": f"repeat {i}", "output": ("word%d " % i) * (1 + i % 3)} for i in range(count)]

@@ -16,7 +16,7 @@ from slimtune.errors import ConfigError
 from slimtune.plan import NF4_DOUBLE_QUANT_BYTES, Settings, Shape, count, estimate, parse_memory, recommend
 from slimtune.plan_report import attached_skeleton, settings_of
 
-from conftest import make_tiny_tokenizer
+from conftest import bytes_kept_for_backward, make_tiny_tokenizer, make_wide_tiny_llama
 from test_cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,45 +81,27 @@ def test_estimate_bytes_follow_the_counts(tiny_model_dir):
 def test_saved_activations_match_the_per_layer_model(tiny_model_dir):
     """The per-token-per-layer formula against the bytes autograd really keeps (saved_tensors_hooks),
     for a forward of LoRA and DoRA in bf16 autocast on a wider tiny model: within 10%."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from rich.console import Console
 
     from slimtune.train.fused import fuse_modules
-    from slimtune.train.loss import response_loss_sum
     from slimtune.train.prepare import slimtune_attention
 
-    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
     tokens = 4 * 128  # batch 4 x 128
     for method in ("lora", "dora"):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-        model.config.use_cache = False
+        model = make_wide_tiny_llama()
         cfg = build_config({"model": "-", "method": method, "data": {"train": "-"},
                             "lora": {"r": 8, "targets": "all-linear"}})
-
         with slimtune_attention(model, cfg.train, Console(quiet=True)):
             fuse_modules(model)
             cfg.plugin.attach(model, cfg, Console(quiet=True))
             model.train()
-            ids = torch.randint(0, 300, (4, 128))
-            batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-            storages: dict[int, int] = {}
-            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-            def keep(t):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
-                    torch.autocast("cpu", dtype=torch.bfloat16):
-                response_loss_sum(model, batch, chunk=10**6)
-        saved = sum(n for ptr, n in storages.items() if ptr not in weights)
+            saved = bytes_kept_for_backward(model, 4, 128)
         settings = Settings(batch_size=4, seq_len=128, label_tokens=tokens, precision="bf16", optimizer="adamw",
                             offload_optimizer=False, grad_checkpointing=False, checkpoint_fraction=1.0,
                             loss_chunk=1024, device="cpu")
         predicted = estimate(method, cfg.plugin, count(model, False), Shape.of(model), settings, False).line("activations")
         assert predicted == pytest.approx(saved, rel=0.10), f"{method}: predicted {predicted} B, autograd kept {saved} B"
+
 
 # Runs 2 LoRA steps of the config in argv[1] in a fresh process and prints what it measured.
 TRAIN = """

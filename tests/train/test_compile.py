@@ -18,6 +18,8 @@ from slimtune.config import build_config
 from slimtune.errors import ConfigError
 from slimtune.train import compile as compile_module
 
+from conftest import bytes_kept_for_backward, make_wide_tiny_llama
+
 
 def _losses(tiny_model_dir, data_file, tmp_path, name, method, compiled, **train):
     cfg = build_config({
@@ -155,19 +157,12 @@ def test_compiled_lora_dropout_keeps_no_more_for_backward_than_eager():
     layers against eager ones. The compiled graph used to keep every adapter's masked input (m * x, 2 B
     per element) next to its mask: 35.0 MiB against eager's 29.5 here. Now it keeps x and the mask and
     forms m * x again in backward (methods/lowrank.py, `_MaskedDown`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from slimtune.train.fused import fuse_modules
-    from slimtune.train.loss import response_loss_sum
     from slimtune.train.prepare import slimtune_attention
 
-    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
     kept = {}
     for compiled in (False, True):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-        model.config.use_cache = False
+        model = make_wide_tiny_llama()
         cfg = build_config({"model": "-", "method": "lora", "data": {"train": "-"},
                             "lora": {"r": 8, "targets": "all-linear", "dropout": 0.1}})
         with slimtune_attention(model, cfg.train, Console(quiet=True)):
@@ -177,18 +172,7 @@ def test_compiled_lora_dropout_keeps_no_more_for_backward_than_eager():
             layers = compile_module.decoder_layers(model)[1:]  # as training does: the first stays eager
             if compiled:
                 compile_module.compile_layers(layers)
-            ids = torch.randint(0, 300, (8, 128))  # down_proj's masks: 8 x 128 x 768 > KEEP_MASK_ELEMENTS
-            batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-            storages: dict[int, int] = {}
-
-            def keep(t):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
-                    torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = response_loss_sum(model, batch, chunk=10**6)
-            loss[0].backward() if isinstance(loss, tuple) else loss.backward()
+            # down_proj's masks: 8 x 128 x 768 elements > KEEP_MASK_ELEMENTS
+            kept[compiled] = bytes_kept_for_backward(model, 8, 128, backward=True)
             compile_module.uncompile_layers(layers)
-        kept[compiled] = sum(n for ptr, n in storages.items() if ptr not in weights)
     assert kept[True] <= kept[False], f"compiled layers keep {kept[True]:,} B for backward, eager ones {kept[False]:,} B"

@@ -157,10 +157,9 @@ def dropped_low_rank(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
             if x.device.type == "cpu":
                 seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
                 h = _MaskedDown.apply(x, _keep_mask_op(x, p, seed), lora_a.to(dtype), scale / (1.0 - p))
-                return h @ lora_b.to(dtype).t()
             else:  # F.dropout scales by 1 / (1 - p) itself
-                dropped, factor = torch.nn.functional.dropout(x, p, training=True).to(dtype), scale
-            return ((dropped @ lora_a.to(dtype).t()) * factor) @ lora_b.to(dtype).t()
+                h = (torch.nn.functional.dropout(x, p, training=True).to(dtype) @ lora_a.to(dtype).t()) * scale
+            return h @ lora_b.to(dtype).t()
         return _DroppedLowRank.apply(x, lora_a, lora_b, p, scale, dtype)
 
 

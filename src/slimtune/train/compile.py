@@ -98,10 +98,11 @@ def auto_decision(device: torch.device, steps: int, distributed: str, tokens: in
 
 def inductor_cache_dir() -> Path:
     """Where inductor keeps compiled kernels: `$TORCHINDUCTOR_CACHE_DIR`, by default under /tmp (which a
-    reboot empties). torch fixes it when `torch._dynamo` is first imported, so it is read, not chosen."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    reboot empties). torch fixes it when `torch._dynamo` is first imported, so it is read, not chosen;
+    read without creating it (torch's own `cache_dir()` would)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    return Path(cache_dir())
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
 
 
 def layer_signature(layer: nn.Module) -> str:
@@ -164,11 +165,12 @@ def compiled_layers(model: nn.Module, setting: str, device: torch.device, steps:
     records their signature (`precision`: the run's, part of what the graphs depend on) so that `auto`
     knows the next compile is a warm one (module docstring)."""
     candidates = decoder_layers(model)
-    signature = layer_signature(candidates[-1]) if candidates else ""
+    # Taken before training, which may change a layer's settings (AdaLoRA's ranks), and only where read.
+    signature = layer_signature(candidates[-1]) if candidates and setting != "false" else ""
     enabled, reason = setting == "true", "train.compile=true"
     if setting == "auto":
-        enabled, reason = auto_decision(device, steps, distributed, tokens,
-                                        warm=bool(signature) and was_compiled_here(signature, precision))
+        warm = device.type == "cpu" and bool(signature) and was_compiled_here(signature, precision)
+        enabled, reason = auto_decision(device, steps, distributed, tokens, warm=warm)
         reason = f"train.compile=auto: {reason}"
         problem = compiler_problem(device) if enabled else None
         if problem:
