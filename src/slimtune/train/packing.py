@@ -114,12 +114,51 @@ def packed_attention(
 
 
 def _packed_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
-    # Packed rows carry no 2D mask: the boundaries travel as cu_seq_lens. Otherwise defer to SDPA's mask.
-    if attention_mask is None:
+    # Packed rows carry no 2D mask: the boundaries travel as cu_seq_lens. Right-padded whole rows need
+    # none either (`causal_covers_padding`). Otherwise defer to SDPA's mask.
+    if attention_mask is None or causal_covers_padding(attention_mask, kwargs):
         return None
     from transformers.masking_utils import sdpa_mask
 
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def causal_covers_padding(padding: torch.Tensor, mask_kwargs: dict) -> bool:
+    """Whether plain causal attention (no mask tensor, `is_causal`) computes what the causal + padding
+    mask would, for every real token: true when each row's padding is at its end (how `pad_batch`
+    pads training and evaluation batches) and the queries are the whole rows (no cache in front).
+
+    A real token at position i then only sees keys j <= i, all real, exactly as with the mask; a padding
+    query sees the real tokens and padding before it instead of what the mask allows, and its output is
+    read by no real token and carries no loss (labels are -100 there), so neither the loss nor a gradient
+    changes. What it gains: the attention kernels skip the blocks above the diagonal (a mask tensor makes
+    them compute the whole T x T square) and read no mask. One layer's fp32 CPU attention forward +
+    backward (9 heads of 64): 2.7 -> 2.5 ms at 4 x 112 tokens, 11.4 -> 8.1 ms at 2 x 1024.
+
+    Anything else keeps the mask: a window, bidirectional or packed-sequence mask functions (transformers
+    then passes `allow_is_causal_skip=False` or a function other than the causal one), left padding
+    (generation), a cache (decoding), or a trace (a mask inside a compiled graph).
+    """
+    from transformers.masking_utils import causal_mask_function
+
+    if not (mask_kwargs.get("allow_is_causal_skip", False) and mask_kwargs.get("local_size") is None
+            and mask_kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+            and mask_kwargs.get("kv_offset", 0) == 0 and padding.dim() == 2):
+        return False
+    kv_length = mask_kwargs.get("kv_length")
+    if "q_length" in mask_kwargs:  # transformers >= 5.2x: q_length and q_offset
+        offset, q_length = mask_kwargs.get("q_offset", 0), mask_kwargs["q_length"]
+    else:  # earlier 5.x: cache_position, the queries' positions
+        positions = mask_kwargs.get("cache_position")
+        if positions is None:
+            return False
+        offset, q_length = positions[:1], positions.shape[0]
+    if torch.compiler.is_compiling() or isinstance(offset, torch.Tensor) and offset.numel() != 1:
+        return False
+    if int(offset) != 0 or q_length != kv_length or padding.shape[-1] != kv_length:
+        return False
+    # A row is right-padded when its mask never rises: 1 ... 1 0 ... 0.
+    return bool((padding[:, 1:] <= padding[:, :-1]).all())
 
 
 def own_attention_reason(config) -> str | None:
