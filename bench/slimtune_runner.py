@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> dict:
                   "log_every": 10, "optimizer": args.optimizer, "save_every": None, "compile": args.compile,
                   **({"max_steps": args.steps} if args.steps else {}),
                   **({"attention_precision": args.attention_precision} if args.attention_precision else {}),
-                  **({"threads": args.threads} if args.threads else {})},
+                  **({"threads": args.threads} if args.threads else {}),
+                  **({"pad_to_multiple_of": args.pad_to_multiple_of} if args.pad_to_multiple_of else {})},
         **({"quantize": args.quantize} if args.quantize != "none" else {}),
         # AdaLoRA at LoRA's initial rank and scale (alpha / init_r = 32 / 16), pruned to an average of 8.
         **({"adalora": {"init_r": 16, "target_r": 8}} if args.method == "adalora" else {}),
@@ -146,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="lora.dropout (the peer's 0.05)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--pad-to-multiple-of", type=int, default=None, help="train.pad_to_multiple_of (default: its default)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=512)

@@ -71,10 +71,11 @@ class TrainSettings(_Section):
                           "percent of length-grouped padded batches (bench/train_speed.py, slimtune vs "
                           "slimtune-packed).")
     group_by_length: bool = Field(True, description="Without packing: batch examples of similar length.")
-    pad_to_multiple_of: int = Field(8, ge=1, description="Without packing: round the padded batch width up to a "
-                                    "multiple of this. Fewer distinct tensor sizes let the CPU allocator reuse freed "
-                                    "memory (measured: ~100 MB lower peak RSS at 4 x 110 tokens); 1 pads to the "
-                                    "longest example only.")
+    pad_to_multiple_of: int = Field(8, ge=1, description="Round the padded batch width (with packing: the packed "
+                                    "row, by a padding segment of its own) up to a multiple of this. Fewer distinct "
+                                    "tensor sizes let the CPU allocator reuse freed memory (measured: ~100 MB lower "
+                                    "peak RSS padded, ~230 MB packed, at 4 x 110 tokens); 1 pads to the longest "
+                                    "example only (packed: no padding).")
     mmap_threshold_mb: float | None = Field(
         4, gt=0, le=32, description="CPU, glibc: allocations of this many MiB or more get their own memory map, "
         "returned to the system when freed, instead of coming from the heap, where the holes they leave stay "

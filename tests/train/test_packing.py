@@ -40,7 +40,8 @@ def _loss_and_grads(model, batches):
     return total, count, grads
 
 
-def test_packed_equals_one_by_one(tiny_tokenizer):
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_packed_equals_one_by_one(tiny_tokenizer, multiple):
     from conftest import make_tiny_model
 
     renderer = ChatRenderer(tiny_tokenizer)
@@ -53,8 +54,9 @@ def test_packed_equals_one_by_one(tiny_tokenizer):
 
     packed_model = _adapted_model(make_tiny_model, len(tiny_tokenizer))
     assert use_packed_attention(packed_model), "a Llama model must accept the packed attention function"
-    packed = make_batch(examples, True, tiny_tokenizer.pad_token_id, cpu)
-    assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples)), "packing adds no padding"
+    packed = make_batch(examples, True, tiny_tokenizer.pad_token_id, cpu, multiple)
+    total = sum(len(e.input_ids) for e in examples)
+    assert packed["input_ids"].shape == (1, -(-total // multiple) * multiple), "padding only up to the multiple"
     loss, count, grads = _loss_and_grads(packed_model, [packed])
 
     assert count == count_ref, f"packed batch counts {count} labelled tokens, one-by-one {count_ref}"

@@ -111,7 +111,8 @@ def process_share(chunk: list[Encoded], rank: int, batch_size: int) -> tuple[lis
 def make_batch(examples: list[Encoded], packing: bool, pad_token_id: int, device: torch.device,
                pad_multiple: int = 1, max_width: int | None = None) -> dict:
     """A packed (one row, no padding) or padded micro-batch on `device`; see `pad_batch` for the widths."""
-    batch = pack_examples(examples) if packing else pad_batch(examples, pad_token_id, pad_multiple, max_width)
+    batch = (pack_examples(examples, pad_multiple, pad_token_id) if packing
+             else pad_batch(examples, pad_token_id, pad_multiple, max_width))
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
