@@ -17,7 +17,7 @@ from slimtune.plan import NF4_DOUBLE_QUANT_BYTES, Settings, Shape, count, estima
 from slimtune.plan_report import attached_skeleton, settings_of
 
 from conftest import bytes_kept_for_backward, make_tiny_tokenizer, make_wide_tiny_llama
-from test_cli import run_cli
+from test_cli import run_cli, write_config, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -253,3 +253,48 @@ def test_plan_json_on_tiny_model(monkeypatch, capsys, tiny_model_dir):
     assert all(entry["fit"]["fits"] for entry in plan["methods"].values())
     assert plan["recommendation"]["method"] == "lora"
     assert plan["time_per_epoch"]["seconds_per_epoch"] > 0
+
+
+def test_time_uses_a_measured_rate_of_a_similar_size_only(tiny_model_dir):
+    """The efficiency comes from a run on this machine when its model is within RATE_SIZE_RANGE of the
+    planned one's size, else from STEP_EFFICIENCY; a rate above the peak counts as the peak."""
+    from slimtune.plan import RATE_SIZE_RANGE, STEP_EFFICIENCY, estimate_time, flops_per_token
+
+    cfg = _cfg(tiny_model_dir, "lora")
+    skeleton = attached_skeleton(cfg)
+    counts, shape = count(skeleton, False), Shape.of(skeleton)
+    settings = settings_of(cfg, "cpu", seq_len=64)
+    per_token = flops_per_token(counts, shape, settings)
+    peak, tokens = 1e12, 50_000
+    near = {"flops_per_s": 2e11, "params": counts.base * 2, "model": "m"}
+    assert estimate_time(counts, shape, settings, tokens, peak, near).seconds_per_epoch == pytest.approx(
+        tokens * per_token / 2e11)
+    far = {**near, "params": counts.base * RATE_SIZE_RANGE * 1.5}
+    default = estimate_time(counts, shape, settings, tokens, peak, far)
+    assert default.efficiency == STEP_EFFICIENCY and "no run of a similar size" in default.source
+    assert estimate_time(counts, shape, settings, tokens, peak, {**near, "flops_per_s": 5e12}).efficiency == 1.0
+
+
+def test_plan_predicts_the_time_a_run_of_the_same_config_took(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """After a finished run, `slimtune plan` of that config on this machine predicts the run's own time:
+    the run records what it reached as the plan counts FLOPs (the matmul peak measured by the plan cancels)."""
+    from slimtune.plan_report import RATE_MIN_STEPS
+
+    monkeypatch.setenv("SLIMTUNE_HOME", str(tmp_path / "home"))
+    rows = [{"instruction": "Repeat the word twice.", "input": f"w{i}", "output": f"w{i} w{i}"}
+            for i in range(10 * RATE_MIN_STEPS)]
+    config = write_config(tmp_path, tiny_model_dir, data=f"data:\n  train: {write_jsonl(tmp_path / 'rows.jsonl', rows)}\n",
+                          train="train:\n  batch_size: 2\n  precision: fp32\n")
+    code, out, err = run_cli(monkeypatch, capsys, "plan", config, "--json")
+    assert code == 0, err
+    assert "no run of a similar size" in json.loads(out)["time_per_epoch"]["source"]
+    code, _, err = run_cli(monkeypatch, capsys, "train", config)
+    assert code == 0, err
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    code, out, err = run_cli(monkeypatch, capsys, "plan", config, "--json")
+    assert code == 0, err
+    time_estimate = json.loads(out)["time_per_epoch"]
+    assert time_estimate["tokens"] == last["tokens"], "the plan's epoch is the run's one epoch"
+    # The last step's elapsed time, a few ms before the run's clock stops.
+    assert time_estimate["seconds_per_epoch"] == pytest.approx(last["elapsed_s"], rel=0.1)
+    assert "reached on this machine" in time_estimate["source"]

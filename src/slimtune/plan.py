@@ -361,11 +361,37 @@ class TimeEstimate:
     flops_per_token: float
     matmul_peak: float
     efficiency: float
+    source: str  # where the efficiency comes from: a run on this machine, or the README's figure
 
 
-def estimate_time(counts: Counts, shape: Shape, settings: Settings, tokens: int, peak: float) -> TimeEstimate:
+# A run measured on this machine stands in for models within this factor of its parameter count: small
+# models reach a lower share of the peak than large ones (smaller matmuls, more per-op overhead).
+RATE_SIZE_RANGE = 4.0
+
+
+def estimate_time(counts: Counts, shape: Shape, settings: Settings, tokens: int, peak: float,
+                  measured: dict | None = None) -> TimeEstimate:
+    """Seconds for `tokens` trained tokens: tokens x FLOPs/token / (peak x efficiency).
+
+    The efficiency is `measured`'s (`train_rate_name`: what a finished run of the same method and
+    precision on this machine achieved, in this function's FLOPs per token over its whole training
+    time, compilation included) as a share of `peak`, when that run's model is within RATE_SIZE_RANGE of
+    this one's size; else STEP_EFFICIENCY, measured on another machine, and said so."""
     per_token = flops_per_token(counts, shape, settings)
-    return TimeEstimate(tokens * per_token / (peak * STEP_EFFICIENCY), tokens, per_token, peak, STEP_EFFICIENCY)
+    efficiency, source = STEP_EFFICIENCY, "slimtune's step efficiency on the README's machine; no run of a similar size here yet"
+    if measured and measured.get("flops_per_s", 0) > 0 and measured.get("params", 0) > 0:
+        ratio = counts.base / measured["params"]
+        if 1 / RATE_SIZE_RANGE <= ratio <= RATE_SIZE_RANGE:
+            efficiency = min(1.0, measured["flops_per_s"] / peak)
+            source = (f"what a run of {measured.get('model', 'a model')} ({measured['params'] / 1e6:,.0f}M params, "
+                      f"{measured.get('tokens_per_example', 0):,.0f} tokens/example) reached on this machine "
+                      f"{measured.get('date', '')}".rstrip())
+    return TimeEstimate(tokens * per_token / (peak * efficiency), tokens, per_token, peak, efficiency, source)
+
+
+def train_rate_name(device: str, precision: str, method: str) -> str:
+    """The `train/tuning.py` entry holding the training rate of `method` in `precision` on `device`."""
+    return f"train_rate/{device}/{precision}/{method}"
 
 
 # -- fitting a budget ------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from slimtune.config import Config, build_config
 from slimtune.methods.registry import METHODS
 from slimtune.plan import (
     LONG_TEXT_TOKENS, NF4_BYTES, NF4_DOUBLE_QUANT_BYTES, Counts, Estimate, Fit, Settings, Shape, TimeEstimate,
-    count, estimate, estimate_time, fit_budget, gb, matmul_peak_flops, recommend,
+    count, estimate, estimate_time, fit_budget, flops_per_token, gb, matmul_peak_flops, recommend, train_rate_name,
 )
+from slimtune.train.tuning import record, recorded
 
 
 def attached_skeleton(cfg: Config, resolved: str | None = None) -> nn.Module:
@@ -49,6 +50,40 @@ def settings_of(cfg: Config, device: str, dataset=None, seq_len: int | None = No
                     optimizer=cfg.train.optimizer, offload_optimizer=cfg.train.offload_optimizer,
                     grad_checkpointing=cfg.train.grad_checkpointing, checkpoint_fraction=cfg.train.checkpoint_fraction,
                     loss_chunk=cfg.train.loss_chunk, device=device)
+
+
+def device_name(device: str) -> str:
+    """The device a training rate belongs to: 'cpu', or the GPU's name (the tuning cache is keyed by CPU)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return device
+
+
+# Shorter runs are not recorded: start-up and compilation would stand for the whole rate.
+RATE_MIN_STEPS = 10
+
+
+def record_train_rate(cfg: Config, dataset, device: str, precision: str, tokens: int, seconds: float,
+                      steps: int) -> dict | None:
+    """Store what a finished single-process run achieved, as the plan counts it: the plan's FLOPs per
+    token for this config and dataset x trained tokens / training seconds (compilation and evaluation
+    between steps included), so that `slimtune plan` of the same config on this machine predicts the time
+    this run took, and similar ones by the same rate (`plan.estimate_time`). Returns the entry."""
+    if steps < RATE_MIN_STEPS or seconds <= 0 or tokens <= 0:
+        return None
+    from datetime import date
+
+    from slimtune.models.loader import resolve_model
+
+    counts, shape = _counts_of(cfg, resolve_model(cfg.model))
+    settings = settings_of(cfg, device, dataset)
+    examples = len(dataset) if dataset is not None else 0
+    entry = {"flops_per_s": flops_per_token(counts, shape, settings) * tokens / seconds, "params": counts.base,
+             "model": cfg.model, "tokens_per_example": dataset.num_tokens / examples if examples else 0.0,
+             "tokens": tokens, "seconds": round(seconds, 3), "compile": cfg.train.compile,
+             "date": date.today().isoformat()}
+    record(train_rate_name(device_name(device), precision, cfg.method_name), entry)
+    return entry
 
 
 def method_config(cfg: Config, method: str) -> Config:
@@ -144,7 +179,8 @@ def make_plan(cfg: Config, budget: float | None, device: str, dataset=None, seq_
     time_estimate = None
     if measure_time:
         peak = matmul_peak_flops(torch.bfloat16 if settings.precision == "bf16" else torch.float32)
-        time_estimate = estimate_time(counts, shape, settings, tokens or 10**6, peak)
+        measured = recorded(train_rate_name(device_name(device), settings.precision, cfg.method_name))
+        time_estimate = estimate_time(counts, shape, settings, tokens or 10**6, peak, measured)
     base, linear = counts.base, counts.linear_weights
     merged = {"16-bit": base * 2.0, "4-bit": linear * NF4_DOUBLE_QUANT_BYTES + (base - linear) * 2.0}
     return Plan(cfg.model, shape, cfg.method_name, methods, budget, device, recommendation, time_estimate,
@@ -237,9 +273,10 @@ def render(plan: Plan, published: bool = False) -> str:
     if plan.time:
         t = plan.time
         what = f"an epoch ({t.tokens:,} tokens)" if plan.data_tokens else f"{t.tokens:,} tokens"
-        out.append(f"  time for {what}: ~{t.seconds_per_epoch / 60:.1f} min = {t.flops_per_token / 1e9:.2f} GFLOP/token "
-                   f"at {t.efficiency:.0%} (slimtune's measured step efficiency) of this machine's measured "
-                   f"matmul peak, {t.matmul_peak / 1e9:.0f} GFLOP/s")
+        took = f"{t.seconds_per_epoch:.0f} s" if t.seconds_per_epoch < 120 else f"{t.seconds_per_epoch / 60:.1f} min"
+        out.append(f"  time for {what}: ~{took} = {t.flops_per_token / 1e9:.2f} GFLOP/token "
+                   f"at {t.efficiency:.0%} of this machine's measured matmul peak, {t.matmul_peak / 1e9:.0f} GFLOP/s "
+                   f"({t.source})")
     if plan.budget is not None:
         out += ["", f"budget {gb(plan.budget)} on {plan.device}:"]
         for name, mp in plan.methods.items():

@@ -391,7 +391,23 @@ def finetune(cfg: Config, console: Console | None = None,
                 config_snapshot=cfg.to_yaml_dict(), runtime=built.runtime)
         if on_trained is not None:
             on_trained(summary)
-        return finish_run(built, summary, console)
+        result = finish_run(built, summary, console)
+        if runtime is None or runtime.world_size == 1:
+            _record_train_rate(cfg, checked, built.precision, summary, console)
+        return result
+
+
+def _record_train_rate(cfg: Config, checked: CheckedRun, precision: str, summary: TrainSummary,
+                       console: Console) -> None:
+    """After the run is saved: its rate for `slimtune plan` on this machine (plan_report.record_train_rate).
+    Anything going wrong here costs the plan a measurement, never the run."""
+    from slimtune.plan_report import record_train_rate
+
+    try:
+        record_train_rate(cfg, checked.train_set, checked.device.type, precision, summary.tokens, summary.seconds,
+                          summary.steps)
+    except Exception as exc:  # noqa: BLE001 - the run is complete; this only feeds a later estimate
+        console.print(f"note: this run's training rate was not recorded for `slimtune plan` ({escape(str(exc))})")
 
 
 __all__ = ["BuiltRun", "CheckedRun", "TrainResult", "build_run", "check_run", "finetune", "finish_run"]
