@@ -282,7 +282,7 @@ def test_plan_predicts_the_time_a_run_of_the_same_config_took(monkeypatch, capsy
 
     monkeypatch.setenv("SLIMTUNE_HOME", str(tmp_path / "home"))
     rows = [{"instruction": "Repeat the word twice.", "input": f"w{i}", "output": f"w{i} w{i}"}
-            for i in range(10 * RATE_MIN_STEPS)]
+            for i in range(40 * RATE_MIN_STEPS)]
     config = write_config(tmp_path, tiny_model_dir, data=f"data:\n  train: {write_jsonl(tmp_path / 'rows.jsonl', rows)}\n",
                           train="train:\n  batch_size: 2\n  precision: fp32\n")
     code, out, err = run_cli(monkeypatch, capsys, "plan", config, "--json")
@@ -295,6 +295,7 @@ def test_plan_predicts_the_time_a_run_of_the_same_config_took(monkeypatch, capsy
     assert code == 0, err
     time_estimate = json.loads(out)["time_per_epoch"]
     assert time_estimate["tokens"] == last["tokens"], "the plan's epoch is the run's one epoch"
-    # The last step's elapsed time, a few ms before the run's clock stops.
-    assert time_estimate["seconds_per_epoch"] == pytest.approx(last["elapsed_s"], rel=0.1)
+    # The last step's elapsed time: the run's clock stops after the final checkpoint (tens of ms). The
+    # fallback efficiency would predict microseconds for this tiny model.
+    assert time_estimate["seconds_per_epoch"] == pytest.approx(last["elapsed_s"], rel=0.1, abs=0.1)
     assert "reached on this machine" in time_estimate["source"]
