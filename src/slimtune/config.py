@@ -67,9 +67,9 @@ class TrainSettings(_Section):
         "auto: bf16 where the hardware has fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs), else fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available, else CPU.")
     packing: bool = Field(False, description="Pack each micro-batch into one row without padding; attention "
-                          "stays within each example. Off by default: on a 2-core CPU it measured within a few "
-                          "percent of length-grouped padded batches (bench/train_speed.py, slimtune vs "
-                          "slimtune-packed).")
+                          "stays within each example. Off by default: on 2-core CPUs it measured from within a "
+                          "few percent of length-grouped padded batches to ~11% slower (one attention call per "
+                          "example; bench/train_speed.py, slimtune vs slimtune-packed).")
     group_by_length: bool = Field(True, description="Without packing: batch examples of similar length.")
     pad_to_multiple_of: int = Field(8, ge=1, description="Round the padded batch width (with packing: the packed "
                                     "row, by a padding segment of its own) up to a multiple of this. Fewer distinct "

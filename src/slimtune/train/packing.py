@@ -1,10 +1,11 @@
 """Padding-free packing: several examples in one row, attention kept inside each example.
 
-A packed micro-batch is one row of length T = sum of the example lengths, with position ids that
+A packed micro-batch is one row of length T = sum of the example lengths (rounded up to
+`train.pad_to_multiple_of` by a padding segment of its own, `pack_examples`), with position ids that
 restart at 0 for every example (so rotary embeddings see each example as if it were alone) and the
 example boundaries `cu_seq_lens` = [0, l_1, l_1 + l_2, ..., T]. Attention runs per example: causal
-scaled-dot-product attention on each [start, end) slice, so no FLOP is spent on padding or across
-examples, unlike a full (T x T) masked attention that throws most of its work away.
+scaled-dot-product attention on each [start, end) slice, so no FLOP is spent across examples, unlike a
+full (T x T) masked attention that throws most of its work away.
 
 The attention function is registered with transformers under the name `slimtune_packed`. Without
 `cu_seq_lens_q` in its keyword arguments (evaluation, generation) it is plain SDPA. The same keyword
